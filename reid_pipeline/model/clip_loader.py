@@ -1,0 +1,368 @@
+"""Loading OpenAI CLIP through openai-clip's own ``clip.load`` and adapting it to ReID inputs.
+
+* :func:`load_clip` — a model name (``ViT-B/16``, ``RN50``, aliases such as ``vitb16``/``rn50``) or a
+  local checkpoint file → a frozen CLIP whose visual encoder takes ReID-sized images (256×128 by
+  default), plus a :class:`ClipInfo` describing it.
+* :func:`adapt_visual` — ViT: positional embedding resized bilinearly with the class token kept,
+  optional overlapping patches (OLP, stride < patch); ModifiedResNet: attention-pool positional
+  embedding resized, last stride 1.
+* :func:`build_tiny_clip` / :func:`save_clip_archive` — a small, seeded CLIP built with
+  ``clip.model.CLIP`` and saved as a TorchScript archive in OpenAI's format, so the demo and the
+  tests run the real loading code without a network.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid_pipeline.storage import atomic_write_bytes, file_sha256
+
+__all__ = [
+    "ClipWeightsError",
+    "ClipInfo",
+    "MODEL_ALIASES",
+    "import_clip",
+    "resolve_model_name",
+    "load_clip",
+    "adapt_visual",
+    "freeze",
+    "build_tiny_clip",
+    "save_clip_archive",
+    "ensure_tiny_clip",
+    "visual_grid",
+]
+
+MODEL_ALIASES = {
+    "vitb16": "ViT-B/16",
+    "vitb32": "ViT-B/32",
+    "vitl14": "ViT-L/14",
+    "rn50": "RN50",
+    "rn101": "RN101",
+}
+
+
+class ClipWeightsError(ValueError):
+    """CLIP weights are missing, corrupt or not a CLIP checkpoint."""
+
+
+def import_clip():
+    """Import openai-clip with its ``pkg_resources`` deprecation warning silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import clip  # noqa: PLC0415
+
+    return clip
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What :func:`load_clip` loaded: enough to describe it in metadata and to check compatibility."""
+
+    name: str
+    source: str
+    sha256: str
+    arch: str  # "vit" or "resnet"
+    input_size: tuple[int, int]
+    stride: int | None
+    patch_size: int | None
+    embed_dim: int
+    vision_width: int
+    text_width: int
+    context_length: int
+    vocab_size: int
+    param_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """Map an alias (``vitb16``) to the openai-clip name (``ViT-B/16``); leave others unchanged."""
+    return MODEL_ALIASES.get(str(name_or_path).lower().replace("-", "").replace("/", ""), str(name_or_path))
+
+
+def _describe_file(path: Path) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if size == 0:
+        kind = "an empty file"
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        kind = "a TorchScript archive" if any(n.endswith("constants.pkl") or "/code/" in n for n in names) else "a torch.save zip"
+    elif head[:1] == b"\x80":
+        kind = "a legacy pickle file"
+    elif len(head) >= 9 and head[8:9] == b"{":
+        kind = "a safetensors file"
+    elif head[:4] == b"\x89PNG" or head[:3] == b"\xff\xd8\xff":
+        kind = "an image"
+    else:
+        kind = f"an unrecognised file (first bytes {head[:8]!r})"
+    return f"{kind} of {size} bytes"
+
+
+def _check_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict):
+        raise ClipWeightsError(f"{path}: holds a {type(state).__name__}, expected a CLIP state dict")
+    required = ["positional_embedding", "text_projection", "token_embedding.weight", "ln_final.weight"]
+    missing = [k for k in required if k not in state]
+    if missing or not any(k.startswith("visual.") for k in state):
+        sample = ", ".join(sorted(map(str, state))[:6])
+        raise ClipWeightsError(
+            f"{path}: not OpenAI CLIP weights — missing keys {missing or ['visual.*']}; found keys like: {sample}"
+        )
+    return state
+
+
+def _clip_load(clip, name_or_path: str, download_root: str | None) -> tuple[nn.Module, Path]:
+    """Call ``clip.load(..., jit=False)``; fall back to ``build_model`` for plain state-dict zips."""
+    known = clip.available_models()
+    if name_or_path in known:
+        root = download_root or os.path.expanduser("~/.cache/clip")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model, _ = clip.load(name_or_path, device="cpu", jit=False, download_root=root)
+        except (OSError, RuntimeError) as exc:
+            raise ClipWeightsError(
+                f"CLIP model {name_or_path!r} could not be loaded or downloaded into {root} ({exc}). "
+                "Without a network, pass the path of a local checkpoint file instead."
+            ) from exc
+        url = clip.clip._MODELS[name_or_path]
+        return model, Path(root) / os.path.basename(url)
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ClipWeightsError(
+            f"CLIP weights {name_or_path!r}: no such file, and not a model name (known names: {', '.join(known)}; "
+            f"aliases: {', '.join(MODEL_ALIASES)})"
+        )
+    what = _describe_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(str(path), device="cpu", jit=False)
+        return model, path
+    except (KeyError, AssertionError) as exc:
+        # A TorchScript archive whose module is not CLIP.
+        try:
+            keys = sorted(torch.jit.load(str(path), map_location="cpu").state_dict())[:6]
+        except Exception:  # noqa: BLE001 - only used to describe the file
+            keys = []
+        raise ClipWeightsError(
+            f"{path}: {what} that is not OpenAI CLIP (missing {exc}); found keys like: {', '.join(keys)}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - clip.load raises many kinds; we re-raise with context
+        first_error = exc
+    # clip.load's state-dict fallback re-reads a consumed file object; read plain state dicts ourselves.
+    if zipfile.is_zipfile(path):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ClipWeightsError(f"{path}: {what} that could not be read as CLIP weights ({exc})") from exc
+        state = _check_state_dict(path, state)
+        try:
+            model = clip.model.build_model(dict(state)).float()
+        except Exception as exc:  # noqa: BLE001
+            raise ClipWeightsError(f"{path}: CLIP state dict with unexpected shapes ({exc})") from exc
+        return model, path
+    raise ClipWeightsError(
+        f"{path}: {what}; expected an OpenAI CLIP checkpoint (TorchScript archive or state-dict zip) "
+        f"— clip.load said: {type(first_error).__name__}: {first_error}"
+    ) from first_error
+
+
+def visual_grid(input_size: tuple[int, int], patch: int, stride: int) -> tuple[int, int]:
+    """Number of patch rows and columns: ``(H - patch) // stride + 1`` and likewise for width."""
+    h, w = input_size
+    return (h - patch) // stride + 1, (w - patch) // stride + 1
+
+
+def _resize_pos(pos: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> torch.Tensor:
+    cls_tok, grid = pos[:1], pos[1:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old_hw[0], old_hw[1], dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_hw, mode="bilinear", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_hw[0] * new_hw[1], dim).to(pos.dtype)
+    return torch.cat([cls_tok, grid], dim=0)
+
+
+def adapt_visual(model: nn.Module, input_size: tuple[int, int] = (256, 128), stride: int | None = None) -> nn.Module:
+    """Adapt ``model.visual`` in place to ``input_size`` (H, W) and an optional patch ``stride``.
+
+    ViT: conv stride set to ``stride`` (default: the patch size; smaller = overlapping patches), the
+    positional embedding's grid resized bilinearly to ``visual_grid(...)`` with the class token kept.
+    ModifiedResNet: the last stage's stride set to 1 and the attention-pool positional embedding
+    resized to the ``H/16 × W/16`` feature map (``stride`` must be None).
+    """
+    visual = model.visual
+    h, w = int(input_size[0]), int(input_size[1])
+    if hasattr(visual, "conv1") and hasattr(visual, "class_embedding"):
+        patch = visual.conv1.kernel_size[0]
+        stride = int(stride or patch)
+        if not 1 <= stride <= patch:
+            raise ValueError(f"ViT patch stride must be in [1, {patch}], got {stride}")
+        if h < patch or w < patch:
+            raise ValueError(f"input size {input_size} is smaller than the {patch}px patch")
+        pos = visual.positional_embedding.data
+        old = round((pos.shape[0] - 1) ** 0.5)
+        if old * old + 1 != pos.shape[0]:
+            # Already adapted: recover the grid from the recorded size.
+            old_hw = tuple(getattr(visual, "grid_hw"))
+        else:
+            old_hw = (old, old)
+        new_hw = visual_grid((h, w), patch, stride)
+        visual.positional_embedding = nn.Parameter(_resize_pos(pos, old_hw, new_hw), requires_grad=False)
+        visual.conv1.stride = (stride, stride)
+        visual.grid_hw = new_hw
+        visual.input_resolution = (h, w)
+        return model
+    if hasattr(visual, "attnpool") and hasattr(visual, "layer4"):
+        if stride is not None:
+            raise ValueError("overlapping-patch stride applies to ViT backbones only; got stride for a ResNet CLIP")
+        if h % 16 or w % 16:
+            raise ValueError(f"ResNet CLIP input size must be divisible by 16, got {input_size}")
+        block = visual.layer4[0]
+        block.avgpool = nn.Identity()
+        block.stride = 1
+        if block.downsample is not None and isinstance(block.downsample[0], nn.AvgPool2d):
+            block.downsample[0] = nn.Identity()
+        pos = visual.attnpool.positional_embedding.data
+        old = round((pos.shape[0] - 1) ** 0.5)
+        old_hw = tuple(getattr(visual, "grid_hw", (old, old)))
+        new_hw = (h // 16, w // 16)
+        visual.attnpool.positional_embedding = nn.Parameter(_resize_pos(pos, old_hw, new_hw), requires_grad=False)
+        visual.grid_hw = new_hw
+        visual.input_resolution = (h, w)
+        return model
+    raise ValueError(f"unsupported CLIP visual encoder {type(visual).__name__}")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Turn off gradients for every parameter and put the model in eval mode."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_clip(
+    name_or_path: str | os.PathLike,
+    *,
+    input_size: tuple[int, int] = (256, 128),
+    stride: int | None = None,
+    download_root: str | None = None,
+    frozen: bool = True,
+) -> tuple[nn.Module, ClipInfo]:
+    """Load CLIP on the CPU in fp32 through ``clip.load(name_or_path, jit=False)`` and adapt it.
+
+    Returns ``(model, info)``; all parameters frozen unless ``frozen=False``.
+    """
+    clip = import_clip()
+    name = resolve_model_name(str(name_or_path))
+    model, source = _clip_load(clip, name, download_root)
+    model = model.float()
+    arch = "vit" if hasattr(model.visual, "class_embedding") else "resnet"
+    patch = model.visual.conv1.kernel_size[0] if arch == "vit" else None
+    adapt_visual(model, input_size, stride)
+    if frozen:
+        freeze(model)
+    info = ClipInfo(
+        name=name if name in clip.available_models() else Path(name).name,
+        source=str(source),
+        sha256=file_sha256(source),
+        arch=arch,
+        input_size=(int(input_size[0]), int(input_size[1])),
+        stride=(int(stride) if stride else patch) if arch == "vit" else None,
+        patch_size=patch,
+        embed_dim=int(model.text_projection.shape[1]),
+        vision_width=int(model.visual.conv1.out_channels if arch == "vit" else model.visual.attnpool.c_proj.in_features),
+        text_width=int(model.ln_final.weight.shape[0]),
+        context_length=int(model.positional_embedding.shape[0]),
+        vocab_size=int(model.token_embedding.weight.shape[0]),
+        param_count=int(sum(p.numel() for p in model.parameters())),
+    )
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded small CLIP
+
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    # heads are derived by clip.model.build_model as width // 64, so widths are multiples of 64.
+    "vit": dict(embed_dim=128, image_resolution=224, vision_layers=2, vision_width=256, vision_patch_size=16,
+                context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+                transformer_layers=2),
+    "resnet": dict(embed_dim=128, image_resolution=224, vision_layers=(1, 1, 1, 1), vision_width=16,
+                   vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=128,
+                   transformer_heads=2, transformer_layers=2),
+}
+
+
+def build_tiny_clip(arch: str = "vit", seed: int = 0) -> nn.Module:
+    """A small randomly initialised (seeded) ``clip.model.CLIP`` in OpenAI's architecture."""
+    if arch not in TINY_CONFIGS:
+        raise ValueError(f"arch must be one of {sorted(TINY_CONFIGS)}, got {arch!r}")
+    clip = import_clip()
+    cpu_state = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = clip.model.CLIP(**TINY_CONFIGS[arch])
+    finally:
+        torch.set_rng_state(cpu_state)
+    return model.float().eval()
+
+
+class _ClipForward(nn.Module):
+    """Wraps CLIP so that tracing records every sub-module under OpenAI's key names."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self._model = [model]  # not a sub-module: keeps the state-dict keys flat
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._model[0](image, text)
+
+
+def save_clip_archive(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model`` as a TorchScript archive whose ``state_dict()`` has OpenAI's keys (atomic)."""
+    import io  # noqa: PLC0415
+
+    clip = import_clip()
+    model = model.float().eval()
+    res = model.visual.input_resolution
+    image = torch.zeros(1, 3, res, res)
+    text = clip.tokenize(["a photo of a person."])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_ClipForward(model), (image, text), check_trace=False)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(traced, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def ensure_tiny_clip(path: str | os.PathLike, arch: str = "vit", seed: int = 0) -> Path:
+    """Build and save the embedded small CLIP at ``path`` unless it is already there."""
+    path = Path(path)
+    if not path.is_file():
+        save_clip_archive(build_tiny_clip(arch, seed), path)
+    return path

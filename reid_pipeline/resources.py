@@ -1,0 +1,128 @@
+"""Dagster resources: where the data, weights and artefacts live, and which device trains.
+
+Thin wrappers over the library: every method here returns plain Python / torch objects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from reid_pipeline.device import DeviceSpec, resolve_device
+from reid_pipeline.storage import read_json, write_json
+
+__all__ = ["ReidSettings", "TrainingDevice", "ArtifactIOManager", "DEFAULT_DATA_ROOT", "DEFAULT_CLIP_WEIGHTS"]
+
+DEFAULT_DATA_ROOT = "data/embedded/synthetic"
+DEFAULT_CLIP_WEIGHTS = "data/embedded/tiny_clip_vit.pt"
+DEFAULT_STORAGE_DIR = "artifacts"
+
+
+class ReidSettings(dg.ConfigurableResource):
+    """Where the dataset, the CLIP weights and the pipeline's artefacts live.
+
+    Relative paths are resolved against the working directory (the project root when run through
+    the Makefile, ``dagster dev`` or ``dagster asset materialize``).
+    """
+
+    data_root: str = Field(default=DEFAULT_DATA_ROOT, description="Dataset root (any supported layout).")
+    clip_weights: str = Field(
+        default=DEFAULT_CLIP_WEIGHTS,
+        description="A CLIP model name (ViT-B/16, RN50, vitb16, rn50, …) or the path of a checkpoint file.",
+    )
+    storage_dir: str = Field(
+        default=DEFAULT_STORAGE_DIR,
+        description="Base folder for manifests, checkpoints, features and metrics (local path).",
+    )
+
+    def data_root_path(self) -> Path:
+        return Path(self.data_root).expanduser().resolve()
+
+    def clip_weights_spec(self) -> str:
+        """A model name as given, or a path made absolute."""
+        p = Path(self.clip_weights).expanduser()
+        looks_like_path = p.suffix or os.sep in self.clip_weights or p.exists()
+        return str(p.resolve()) if looks_like_path else self.clip_weights
+
+    def storage_path(self) -> Path:
+        return Path(self.storage_dir).expanduser().resolve()
+
+    def new_artifact_dir(self, asset_name: str, run_id: str) -> Path:
+        """A fresh, timestamped folder for one materialisation of ``asset_name``.
+
+        Each run writes into its own folder, so a failed run never overwrites what an earlier
+        successful run produced; the IO manager only points at the new folder once the asset
+        succeeded.
+        """
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", asset_name)
+        path = self.storage_path() / safe / f"{stamp}_{run_id[:8]}"
+        path.mkdir(parents=True, exist_ok=False)
+        return path
+
+    def work_dir(self, asset_name: str, key: str) -> Path:
+        """A stable folder for resumable training state, keyed by what the run trains from."""
+        path = self.storage_path() / asset_name / "_resume" / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class TrainingDevice(dg.ConfigurableResource):
+    """The device the training assets run on.
+
+    ``device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``precision``: ``auto`` (bf16 autocast on a GPU that has it, else fp16 with a grad scaler; fp32 on
+    the CPU), ``fp32``, ``bf16`` or ``fp16``.
+    """
+
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    precision: str = Field(default="auto", description="auto | fp32 | bf16 | fp16")
+    num_threads: int = Field(default=0, description="CPU threads for torch (0 = torch's default).")
+
+    def spec(self) -> DeviceSpec:
+        if self.num_threads > 0:
+            import torch  # noqa: PLC0415
+
+            torch.set_num_threads(self.num_threads)
+        return resolve_device(self.device, self.precision)
+
+
+class ArtifactIOManager(dg.ConfigurableIOManager):
+    """Stores each asset's output — a small JSON *descriptor* of the files it wrote — as JSON.
+
+    Assets write their tensors themselves (safetensors + JSON sidecars, atomically, in a fresh
+    timestamped folder) and return a dict that says where they are and what they were made from.
+    Nothing is pickled. The descriptor is replaced atomically only when the asset succeeded.
+    """
+
+    settings: dg.ResourceDependency[ReidSettings]
+
+    def _descriptor_path(self, asset_key: dg.AssetKey) -> Path:
+        return self.settings.storage_path() / "/".join(asset_key.path) / "latest.json"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        if not isinstance(obj, dict):
+            raise TypeError(
+                f"asset {context.asset_key.to_user_string()} returned {type(obj).__name__}; "
+                "this IO manager stores JSON descriptors (dict) only"
+            )
+        path = self._descriptor_path(context.asset_key)
+        write_json(path, obj)
+        context.add_output_metadata({"descriptor": dg.MetadataValue.path(str(path))})
+
+    def load_input(self, context: dg.InputContext) -> dict:
+        key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
+        path = self._descriptor_path(key)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no stored output for asset {key.to_user_string()} — materialise it first"
+            )
+        return read_json(path)

@@ -1,0 +1,48 @@
+"""Shared fixtures: the small CLIP in OpenAI's format, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory) -> Path:
+    """The small ViT CLIP saved as a TorchScript archive (what ``clip.load`` reads)."""
+    from reid_pipeline.model.clip_loader import ensure_tiny_clip
+
+    return ensure_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip_vit.pt", arch="vit", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_rn_clip_path(tmp_path_factory) -> Path:
+    from reid_pipeline.model.clip_loader import ensure_tiny_clip
+
+    return ensure_tiny_clip(tmp_path_factory.mktemp("clip_rn") / "tiny_clip_rn.pt", arch="resnet", seed=0)
+
+
+@pytest.fixture()
+def dagster_home(tmp_path, monkeypatch) -> Path:
+    """A throwaway DAGSTER_HOME with the project's dagster.yaml."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+def cli_env(dagster_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DAGSTER_HOME"] = str(dagster_home)
+    env.pop("REID_DATA_ROOT", None)
+    env.pop("REID_CLIP_WEIGHTS", None)
+    return env
