@@ -3,7 +3,6 @@
 Thin wrappers over the library: every method here returns plain Python / torch objects.
 """
 
-from __future__ import annotations
 
 import os
 import re
@@ -97,32 +96,35 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     """Stores each asset's output — a small JSON *descriptor* of the files it wrote — as JSON.
 
     Assets write their tensors themselves (safetensors + JSON sidecars, atomically, in a fresh
-    timestamped folder) and return a dict that says where they are and what they were made from.
-    Nothing is pickled. The descriptor is replaced atomically only when the asset succeeded.
+    timestamped folder) and return a dict that says where they are and what they were made from,
+    with the folder under ``artifact_dir``. The descriptor is written into that folder and its path
+    recorded in the materialisation's metadata; downstream assets load the descriptor of the
+    latest *successful* materialisation from the event log. Nothing is pickled, and nothing of an
+    earlier materialisation is touched.
     """
-
-    settings: dg.ResourceDependency[ReidSettings]
-
-    def _descriptor_path(self, asset_key: dg.AssetKey) -> Path:
-        return self.settings.storage_path() / "/".join(asset_key.path) / "latest.json"
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
-        if not isinstance(obj, dict):
+        name = context.asset_key.to_user_string()
+        if not isinstance(obj, dict) or "artifact_dir" not in obj:
             raise TypeError(
-                f"asset {context.asset_key.to_user_string()} returned {type(obj).__name__}; "
-                "this IO manager stores JSON descriptors (dict) only"
+                f"asset {name} returned {type(obj).__name__}; this IO manager stores JSON descriptors: "
+                "a dict with an 'artifact_dir' entry"
             )
-        path = self._descriptor_path(context.asset_key)
-        write_json(path, obj)
+        path = write_json(Path(obj["artifact_dir"]) / "descriptor.json", obj)
         context.add_output_metadata({"descriptor": dg.MetadataValue.path(str(path))})
 
     def load_input(self, context: dg.InputContext) -> dict:
         key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
-        path = self._descriptor_path(key)
+        event = context.instance.get_latest_materialization_event(key)
+        name = key.to_user_string()
+        if event is None or event.asset_materialization is None:
+            raise FileNotFoundError(f"asset {name} has never been materialised in this Dagster instance — materialise it first")
+        entry = event.asset_materialization.metadata.get("descriptor")
+        if entry is None:
+            raise FileNotFoundError(f"the latest materialisation of {name} recorded no descriptor path")
+        path = Path(entry.value)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no stored output for asset {key.to_user_string()} — materialise it first"
-            )
+            raise FileNotFoundError(f"{path}: descriptor of the latest {name} materialisation is gone — rematerialise {name}")
         return read_json(path)

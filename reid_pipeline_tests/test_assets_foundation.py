@@ -1,0 +1,126 @@
+"""The foundation assets in-process: manifest + frozen CLIP, versions, metadata and failures."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from reid_pipeline.assets.backbone import frozen_clip
+from reid_pipeline.assets.data import dataset_manifest
+from reid_pipeline.data import generate_synthetic_dataset
+from reid_pipeline.definitions import defs
+from reid_pipeline.resources import ArtifactIOManager, ReidSettings, TrainingDevice
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic") / "market"
+    generate_synthetic_dataset(root, num_ids=8, images_per_id=4, seed=3)
+    return root
+
+
+def _resources(data_root: Path, clip: Path, storage: Path) -> dict:
+    return {
+        "reid": ReidSettings(data_root=str(data_root), clip_weights=str(clip), storage_dir=str(storage)),
+        "device": TrainingDevice(device="cpu"),
+        "io_manager": ArtifactIOManager(),
+    }
+
+
+def _data_version(result: dg.ExecuteInJobResult, key: str) -> str:
+    (mat,) = [m for m in result.asset_materializations_for_node(key)]
+    return mat.tags["dagster/data_version"]
+
+
+def test_definitions_load():
+    repo = defs.get_repository_def()
+    keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert {"dataset_manifest", "frozen_clip"} <= keys
+    assert repo.get_job("reid_pipeline_job")
+
+
+def test_manifest_and_clip_materialise_with_metadata(small_dataset, tiny_clip_path, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    resources = _resources(small_dataset, tiny_clip_path, tmp_path / "artifacts")
+    result = dg.materialize([dataset_manifest, frozen_clip], resources=resources, instance=instance)
+    assert result.success
+    (manifest_mat,) = result.asset_materializations_for_node("dataset_manifest")
+    meta = manifest_mat.metadata
+    df = pd.read_parquet(meta["manifest"].value)
+    assert list(df.columns) == ["path", "pid", "camid", "split", "label"]
+    assert meta["num_images"].value == len(df)
+    assert meta["num_train_ids"].value == df[df.split == "train"].pid.nunique() == 4
+    splits = {r.data["split"]: r.data for r in meta["per_split"].value.records}
+    assert set(splits) == {"train", "query", "gallery"}
+    assert splits["train"]["images"] == (df.split == "train").sum()
+    assert meta["fingerprint"].value == manifest_mat.tags["dagster/data_version"]
+    (clip_mat,) = result.asset_materializations_for_node("frozen_clip")
+    assert clip_mat.metadata["input_size"].value == "256x128"
+    assert clip_mat.metadata["parameter_count"].value > 1_000_000
+    assert len(clip_mat.metadata["weights_sha256"].value) == 64
+    # The descriptor the IO manager stored is what a downstream asset receives.
+    descriptor = Path(manifest_mat.metadata["descriptor"].value)
+    assert descriptor.is_file() and descriptor.parent.parent.name == "dataset_manifest"
+
+
+def test_data_version_follows_content_not_mtime(small_dataset, tiny_clip_path, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(small_dataset, root)
+    resources = _resources(root, tiny_clip_path, tmp_path / "artifacts")
+    instance = dg.DagsterInstance.ephemeral()
+    v1 = _data_version(dg.materialize([dataset_manifest], resources=resources, instance=instance), "dataset_manifest")
+    some = sorted((root / "bounding_box_train").iterdir())[0]
+    some.touch()
+    v2 = _data_version(dg.materialize([dataset_manifest], resources=resources, instance=instance), "dataset_manifest")
+    assert v1 == v2
+    shutil.copy(sorted((root / "bounding_box_train").iterdir())[1], root / "bounding_box_train" / "0999_c1s1_000001_00.jpg")
+    v3 = _data_version(dg.materialize([dataset_manifest], resources=resources, instance=instance), "dataset_manifest")
+    assert v3 != v1
+
+
+def test_failed_run_keeps_previous_materialisation(small_dataset, tiny_clip_path, tmp_path):
+    storage = tmp_path / "artifacts"
+    instance = dg.DagsterInstance.ephemeral()
+    ok = dg.materialize([dataset_manifest], resources=_resources(small_dataset, tiny_clip_path, storage), instance=instance)
+    assert ok.success
+    good = instance.get_latest_materialization_event(dg.AssetKey("dataset_manifest")).asset_materialization
+    bad_root = tmp_path / "broken"
+    shutil.copytree(small_dataset, bad_root)
+    victim = sorted((bad_root / "query").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    with pytest.raises(Exception, match=victim.name):
+        dg.materialize([dataset_manifest], resources=_resources(bad_root, tiny_clip_path, storage), instance=instance)
+    latest = instance.get_latest_materialization_event(dg.AssetKey("dataset_manifest")).asset_materialization
+    assert latest.metadata["fingerprint"] == good.metadata["fingerprint"]
+    assert Path(latest.metadata["manifest"].value).is_file()
+
+
+def test_missing_root_and_bad_weights_are_clear(tmp_path, tiny_clip_path, small_dataset):
+    with pytest.raises(Exception, match="nowhere"):
+        dg.materialize([dataset_manifest], resources=_resources(tmp_path / "nowhere", tiny_clip_path, tmp_path / "a"))
+    bogus = tmp_path / "weights.pt"
+    bogus.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(Exception, match="weights.pt"):
+        dg.materialize([frozen_clip], resources=_resources(small_dataset, bogus, tmp_path / "a"))
+
+
+def test_env_vars_choose_data_and_weights(monkeypatch, tmp_path):
+    import importlib
+
+    import reid_pipeline.definitions as definitions
+
+    monkeypatch.setenv("REID_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("REID_CLIP_WEIGHTS", "RN50")
+    try:
+        reloaded = importlib.reload(definitions)
+        assert isinstance(reloaded.settings.data_root, dg.EnvVar)
+        assert reloaded.settings.data_root.env_var_name == "REID_DATA_ROOT"
+        assert reloaded.settings.clip_weights.env_var_name == "REID_CLIP_WEIGHTS"
+    finally:
+        monkeypatch.delenv("REID_DATA_ROOT")
+        monkeypatch.delenv("REID_CLIP_WEIGHTS")
+        importlib.reload(definitions)
