@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,13 @@ from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
 
-def _ci_config(tmp_path: Path, **overrides) -> Path:
+def _ci_config(tmp_path: Path, min_map: float | None = None, **overrides) -> Path:
     config = yaml.safe_load((PROJECT_ROOT / "configs" / "ci.yaml").read_text())
     config["resources"]["reid"]["config"]["storage_dir"] = str(tmp_path / "artifacts")
     for key, value in overrides.items():
         config["resources"]["reid"]["config"][key] = value
+    if min_map is not None:
+        config["ops"]["evaluation_metrics"]["config"]["min_map"] = min_map
     path = tmp_path / "ci.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -36,8 +39,14 @@ def test_definitions_validate(dagster_home):
     assert "Validation successful" in proc.stderr + proc.stdout
 
 
+ALL_ASSETS = ("dataset_manifest", "frozen_clip", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics")
+
+
 @pytest.mark.slow
 def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
+    """`dagster asset materialize --select '*' -c configs/ci.yaml` — the command CI users run."""
+    import dagster as dg
+
     if not (PROJECT_ROOT / "data" / "embedded" / "synthetic-ci").is_dir():
         pytest.fail("embedded CI data missing: run `make embedded` (make test does)")
     proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "*", "-c",
@@ -46,14 +55,37 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
     assert proc.returncode == 0, out[-5000:]
     assert "RUN_SUCCESS" in out
     # Every asset wrote its descriptor into its own timestamped folder.
-    descriptors = sorted(p.parent.parent.name for p in (tmp_path / "artifacts").glob("*/*/descriptor.json"))
-    assert "dataset_manifest" in descriptors and "frozen_clip" in descriptors
+    descriptors = {p.parent.parent.name for p in (tmp_path / "artifacts").glob("*/*/descriptor.json")}
+    assert descriptors == set(ALL_ASSETS)
     # The materialisations persist in DAGSTER_HOME, where the UI and later CLI runs see them.
-    import dagster as dg
-
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        for key in ("dataset_manifest", "frozen_clip"):
+        for key in ALL_ASSETS:
             assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+        meta = instance.get_latest_materialization_event(dg.AssetKey("evaluation_metrics")).asset_materialization.metadata
+        for prefix in ("", "reranked_", "baseline_"):
+            for name in ("mAP", "mINP", "rank-1", "rank-5", "rank-10"):
+                value = meta[f"{prefix}{name}"].value
+                assert 0.0 <= value <= 1.0, (prefix, name, value)
+        assert "data:image/png;base64," in meta["cmc_curve"].value
+        assert "data:image/png;base64," in meta["rank_list"].value
+        metrics_json = Path(meta["metrics_json"].value)
+        assert json.loads(metrics_json.read_text())["mAP"] == pytest.approx(meta["mAP"].value)
+        assert (metrics_json.parent / "rank_list.png").read_bytes()[:4] == b"\x89PNG"
+        stage1 = instance.get_latest_materialization_event(dg.AssetKey("prompt_checkpoint")).asset_materialization.metadata
+        assert stage1["avg_positives_per_sample"].value > 1.0
+        assert Path(stage1["tokens"].value).is_file()
+
+    # A blocking minimum-mAP check fails the run (non-zero exit); the earlier results stay on disk.
+    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "evaluation_metrics", "-c",
+                 str(_ci_config(tmp_path, min_map=1.01))], dagster_home)
+    assert proc.returncode != 0
+    assert "minimum_map" in proc.stdout + proc.stderr
+    assert metrics_json.is_file() and (metrics_json.parent / "cmc.png").is_file()
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("evaluation_metrics"), "minimum_map")]
+        )[dg.AssetCheckKey(dg.AssetKey("evaluation_metrics"), "minimum_map")]
+        assert check.status.value == "FAILED"
 
 
 def test_materialize_failure_exits_non_zero(dagster_home, tmp_path):
