@@ -25,14 +25,23 @@ setup: $(VENV)/.installed
 embedded: setup
 	$(PY) -m reid_pipeline.embedded
 
+# The observed sources (raw_dataset, clip_weights) are part of the selection so that the run records
+# their versions and the retrain sensor finds nothing new afterwards.
 demo: embedded
-	$(DAGSTER) asset materialize -m reid_pipeline.definitions --select '*' -c configs/demo.yaml
+	$(DAGSTER) asset materialize -m reid_pipeline.definitions --select 'raw_dataset*,clip_weights*' -c configs/demo.yaml
 
-test: embedded
+# Debian's headless Chromium for the browser test (Playwright drives it; `playwright install` is never run).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+
+test: embedded $(CHROMIUM)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+# REID_RUN_CONFIG: the preset whose op config the retrain sensor applies to the runs it launches.
 ui: embedded
-	$(DAGSTER) dev -m reid_pipeline.definitions -h 127.0.0.1 -p $(UI_PORT)
+	REID_RUN_CONFIG=$${REID_RUN_CONFIG:-configs/demo.yaml} $(DAGSTER) dev -m reid_pipeline.definitions -h 127.0.0.1 -p $(UI_PORT)
 
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

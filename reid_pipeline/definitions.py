@@ -8,6 +8,11 @@ import dagster as dg
 
 from reid_pipeline.assets.backbone import frozen_clip
 from reid_pipeline.assets.data import dataset_manifest
+from reid_pipeline.assets.evaluation import evaluation_metrics, reid_features
+from reid_pipeline.assets.raw import clip_weights, raw_dataset, with_source_deps
+from reid_pipeline.assets.stage1 import prompt_checkpoint
+from reid_pipeline.assets.stage2 import visual_encoder
+from reid_pipeline.automation import AUTOMATION_SCHEDULES, AUTOMATION_SENSORS
 from reid_pipeline.resources import (
     DEFAULT_CLIP_WEIGHTS,
     DEFAULT_DATA_ROOT,
@@ -28,17 +33,20 @@ settings = ReidSettings(
     storage_dir=_env_or("REID_STORAGE_DIR", "artifacts"),
 )
 
-all_assets = [dataset_manifest, frozen_clip]
+all_assets = [dataset_manifest, frozen_clip, prompt_checkpoint, visual_encoder, reid_features, evaluation_metrics]
 
 reid_job = dg.define_asset_job(
     "reid_pipeline_job",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() | dg.AssetSelection.assets(raw_dataset, clip_weights),  # observes the sources first
     description="Materialise the whole CLIP-ReID pipeline: manifest → frozen CLIP → stage 1 → stage 2 → evaluation.",
 )
 
 defs = dg.Definitions(
-    assets=all_assets,
+    # The observed sources, and the sensor/schedule that retrain when they or the code change (automation.py).
+    assets=[raw_dataset, clip_weights, *with_source_deps(all_assets)],
     jobs=[reid_job],
+    sensors=AUTOMATION_SENSORS,
+    schedules=AUTOMATION_SCHEDULES,
     resources={
         "reid": settings,
         "device": TrainingDevice(),

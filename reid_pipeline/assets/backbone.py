@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from reid_pipeline.assets._common import OWNERS, version_of
+from reid_pipeline.assets.raw import clip_weights
 from reid_pipeline.model.clip_loader import ClipWeightsError, load_clip
 from reid_pipeline.resources import ReidSettings
 
@@ -34,6 +35,7 @@ def load_frozen_clip(descriptor: dict):
 
 
 @dg.asset(
+    deps=[clip_weights],
     group_name="backbone",
     kinds={"pytorch"},
     owners=OWNERS,

@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from reid_pipeline.assets._common import OWNERS, table_metadata
+from reid_pipeline.assets.raw import raw_dataset
 from reid_pipeline.data import build_manifest_with_report, manifest_fingerprint, summarize_manifest
 from reid_pipeline.resources import ReidSettings
 from reid_pipeline.storage import atomic_write_bytes
@@ -21,6 +22,7 @@ class DatasetManifestConfig(dg.Config):
 
 
 @dg.asset(
+    deps=[raw_dataset],
     group_name="data",
     kinds={"pandas", "parquet"},
     owners=OWNERS,

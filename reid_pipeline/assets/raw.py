@@ -1,0 +1,168 @@
+"""Observable source assets: the raw dataset folder and the CLIP weights file.
+
+Neither is produced by the pipeline; Dagster only *observes* them. Each observation records a
+``DataVersion`` built from a cheap fingerprint (names, sizes and modification times — one ``stat``
+per file, nothing read), so polling them is cheap. The assets computed from them carry content
+versions of their own (``dataset_manifest``: a hash of rows and image bytes; ``frozen_clip``: the
+weights' SHA-256), so a mere ``touch`` makes them stale but does not change what flows further down.
+
+``reid_pipeline.automation.retrain_sensor`` observes both on an interval; the UI's
+"Observe sources" button and every run of ``reid_pipeline_job`` observe them too.
+"""
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import dagster as dg
+
+from reid_pipeline.assets._common import OWNERS
+from reid_pipeline.data import directory_fingerprint
+from reid_pipeline.resources import ReidSettings
+
+__all__ = [
+    "raw_dataset",
+    "clip_weights",
+    "SOURCE_FINGERPRINTS",
+    "raw_dataset_fingerprint",
+    "clip_weights_fingerprint",
+    "with_source_deps",
+]
+
+_CLIP_WEIGHTS_VERSION = b"reid_pipeline.clip_weights_fingerprint.v1\n"
+
+
+def raw_dataset_fingerprint(reid: ReidSettings) -> str:
+    """The cheap fingerprint of the dataset root (raises ``FileNotFoundError`` naming a missing root)."""
+    return directory_fingerprint(reid.data_root_path())
+
+
+def _stat_line(path: Path) -> str:
+    st = path.stat()
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
+def clip_weights_fingerprint(reid: ReidSettings) -> str:
+    """A cheap fingerprint of the CLIP weights: path, size and mtime of the file.
+
+    For an openai-clip model name (``ViT-B/16``) the downloaded file in ``~/.cache/clip`` is used when
+    present, else only the canonical name (the first download then changes the version).
+
+    Raises:
+        FileNotFoundError: ``clip_weights`` looks like a path but no such file exists.
+    """
+    spec = reid.clip_weights_spec()
+    h = hashlib.sha256(_CLIP_WEIGHTS_VERSION)
+    path = Path(spec)
+    if path.is_file():
+        h.update(_stat_line(path).encode())
+        return h.hexdigest()
+    from reid_pipeline.model.clip_loader import resolve_model_name  # noqa: PLC0415  (pulls in torch)
+
+    name = resolve_model_name(spec)
+    try:
+        import clip  # noqa: PLC0415
+
+        url = clip.clip._MODELS.get(name)
+    except ImportError:  # pragma: no cover - openai-clip is a hard dependency
+        url = None
+    if url is None:
+        raise FileNotFoundError(
+            f"CLIP weights {spec!r}: no such file and not an openai-clip model name — set REID_CLIP_WEIGHTS "
+            "or the reid resource's clip_weights to a checkpoint path or a model name such as ViT-B/16"
+        )
+    h.update(f"model:{name}".encode())
+    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if cached.is_file():
+        h.update(b"\0" + _stat_line(cached).encode())
+    return h.hexdigest()
+
+
+def _observable_source(spec: dg.AssetSpec):
+    """``multi_observable_source_asset`` for one spec (full AssetSpec: owners, kinds), its beta warning muted."""
+
+    def decorate(fn) -> dg.AssetsDefinition:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            return dg.multi_observable_source_asset(name=spec.key.to_python_identifier(), specs=[spec])(fn)
+
+    return decorate
+
+
+@_observable_source(
+    dg.AssetSpec(
+        "raw_dataset",
+        group_name="data",
+        kinds={"folder"},
+        owners=OWNERS,
+        description=(
+            "The raw dataset folder (ReidSettings.data_root). Observed by a cheap fingerprint of file names, "
+            "sizes and modification times; a new fingerprint makes dataset_manifest and everything below it stale."
+        ),
+    )
+)
+def raw_dataset(context: dg.AssetExecutionContext, reid: ReidSettings) -> dg.ObserveResult:
+    root = reid.data_root_path()
+    version = raw_dataset_fingerprint(reid)
+    context.log.info(f"observed {root}: fingerprint {version[:12]}")
+    return dg.ObserveResult(
+        data_version=dg.DataVersion(version),
+        metadata={"root": dg.MetadataValue.path(str(root)), "fingerprint": version},
+    )
+
+
+@_observable_source(
+    dg.AssetSpec(
+        "clip_weights",
+        group_name="backbone",
+        kinds={"pytorch"},
+        owners=OWNERS,
+        description=(
+            "The CLIP weights (ReidSettings.clip_weights): a checkpoint file or an openai-clip model name. "
+            "Observed by path, size and modification time; a new fingerprint makes frozen_clip and everything "
+            "below it stale."
+        ),
+    )
+)
+def clip_weights(context: dg.AssetExecutionContext, reid: ReidSettings) -> dg.ObserveResult:
+    version = clip_weights_fingerprint(reid)
+    spec = reid.clip_weights_spec()
+    context.log.info(f"observed CLIP weights {spec}: fingerprint {version[:12]}")
+    return dg.ObserveResult(data_version=dg.DataVersion(version), metadata={"weights": spec, "fingerprint": version})
+
+
+#: How the observation sensor fingerprints each source, by asset key (same functions as the assets).
+SOURCE_FINGERPRINTS: dict[dg.AssetKey, Callable[[ReidSettings], str]] = {
+    raw_dataset.key: raw_dataset_fingerprint,
+    clip_weights.key: clip_weights_fingerprint,
+}
+
+#: Which materialisable asset each source feeds (a non-argument dependency).
+_SOURCE_CONSUMERS: dict[dg.AssetKey, dg.AssetKey] = {
+    dg.AssetKey("dataset_manifest"): raw_dataset.key,
+    dg.AssetKey("frozen_clip"): clip_weights.key,
+}
+
+
+def with_source_deps(assets: Sequence) -> list:
+    """``assets`` with ``dataset_manifest`` depending on ``raw_dataset`` and ``frozen_clip`` on ``clip_weights``.
+
+    Idempotent: an asset that already declares the dependency (``deps=[raw_dataset]``) is returned
+    unchanged, so declaring it in the asset module itself is the preferred form and this becomes a no-op.
+    """
+
+    def add_dep(spec: dg.AssetSpec) -> dg.AssetSpec:
+        source = _SOURCE_CONSUMERS.get(spec.key)
+        if source is None or any(dep.asset_key == source for dep in spec.deps):
+            return spec
+        return spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(source)])
+
+    out = []
+    for item in assets:
+        if isinstance(item, dg.AssetsDefinition) and any(k in _SOURCE_CONSUMERS for k in item.keys):
+            out.append(item.map_asset_specs(add_dep))
+        else:
+            out.append(item)
+    return out

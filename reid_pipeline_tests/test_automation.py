@@ -1,0 +1,396 @@
+"""Retrain sensor, nightly schedule and lineage — in-process, on tiny data.
+
+The downstream chain is mirrored by light stand-ins (same keys and dependencies as the pipeline's
+training and evaluation assets), so the automation logic runs exactly, in seconds; the real graph
+runs under ``dagster dev`` in ``test_ui_e2e.py``.
+"""
+
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from reid_pipeline.assets.data import dataset_manifest
+from reid_pipeline.assets.raw import clip_weights, raw_dataset, with_source_deps
+from reid_pipeline.automation import (
+    GPU_OP_TAGS,
+    GPU_POOL,
+    PIPELINE_JOB,
+    automation_default_status,
+    changed_source_observations,
+    load_run_preset,
+    nightly_retrain_schedule,
+    retrain_sensor,
+    stale_asset_keys,
+)
+from reid_pipeline.data import generate_synthetic_dataset
+from reid_pipeline.resources import ArtifactIOManager, ReidSettings, TrainingDevice
+from reid_pipeline.storage import file_sha256
+from reid_pipeline_tests.conftest import PROJECT_ROOT
+
+CHAIN = {"dataset_manifest", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics"}
+BELOW_CLIP = {"frozen_clip", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics"}
+# Dagster's staleness is one hop: an asset is STALE when an input's data version (or its own code
+# version) differs from what it was built from; its consumers turn stale once it is rebuilt with a
+# new version. Retraining therefore runs the whole chain below a change, in one run.
+
+
+# --- stand-ins for the heavy assets (same keys and edges as the pipeline) -------------------------
+
+
+class StubConfig(dg.Config):
+    epochs: int = 120
+
+
+def _stand_ins(prompt_code_version: str = "1") -> list[dg.AssetsDefinition]:
+    @dg.asset(name="frozen_clip", group_name="backbone", code_version="1")
+    def frozen_clip_stub(reid: ReidSettings) -> dg.Output[None]:
+        # Like the real asset: the data version is the weights' content hash, not their mtime.
+        return dg.Output(None, data_version=dg.DataVersion(file_sha256(reid.clip_weights_spec())))
+
+    @dg.asset(name="prompt_checkpoint", deps=["dataset_manifest", "frozen_clip"], code_version=prompt_code_version)
+    def prompt_checkpoint(context: dg.AssetExecutionContext, config: StubConfig) -> None:
+        context.add_output_metadata({"epochs": config.epochs})
+
+    @dg.asset(name="visual_encoder", deps=["prompt_checkpoint", "dataset_manifest", "frozen_clip"], code_version="1")
+    def visual_encoder() -> None: ...
+
+    @dg.asset(name="reid_features", deps=["visual_encoder", "dataset_manifest"], code_version="1")
+    def reid_features() -> None: ...
+
+    @dg.asset(name="evaluation_metrics", deps=["reid_features"], code_version="1")
+    def evaluation_metrics() -> None: ...
+
+    return [frozen_clip_stub, prompt_checkpoint, visual_encoder, reid_features, evaluation_metrics]
+
+
+def _names(keys) -> set[str]:
+    return {dg.AssetKey.from_coercible(k).to_user_string() for k in keys}
+
+
+class Pipeline:
+    """A test-sized pipeline: the real sources and manifest + stand-ins, with the project's sensor and schedule."""
+
+    def __init__(self, data_root: Path, weights: Path, storage: Path, prompt_code_version: str = "1"):
+        self.reid = ReidSettings(data_root=str(data_root), clip_weights=str(weights), storage_dir=str(storage))
+        self.assets = with_source_deps([dataset_manifest, *_stand_ins(prompt_code_version)])
+        self.resources = {"reid": self.reid, "device": TrainingDevice(device="cpu"), "io_manager": ArtifactIOManager()}
+        job = dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all() | dg.AssetSelection.assets(raw_dataset, clip_weights))
+        self.defs = dg.Definitions(
+            assets=[raw_dataset, clip_weights, *self.assets],
+            jobs=[job],
+            sensors=[retrain_sensor],
+            schedules=[nightly_retrain_schedule],
+            resources=self.resources,
+        )
+        self.repo = self.defs.get_repository_def()
+        self.cursor: str | None = None
+
+    def sense(self, instance: dg.DagsterInstance) -> dg.SensorResult | dg.SkipReason:
+        """One tick of the retrain sensor; observations are stored and the cursor kept, as the daemon does."""
+        context = dg.build_sensor_context(
+            instance=instance, cursor=self.cursor, resources={"reid": self.reid}, repository_def=self.repo
+        )
+        result = retrain_sensor(context)
+        if isinstance(result, dg.SensorResult):
+            for event in result.asset_events:
+                instance.report_runless_asset_event(event)
+            self.cursor = result.cursor
+        return result
+
+    def nightly(self, instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
+        # As a context manager: the instance it opens from the ref is closed again (no global state leaks).
+        with dg.build_schedule_context(instance=instance, resources={"reid": self.reid}, repository_def=self.repo) as context:
+            return nightly_retrain_schedule(context)
+
+    def run(self, instance: dg.DagsterInstance, request: dg.RunRequest | None = None) -> dg.ExecuteInProcessResult:
+        """Execute a run request's materialisable selection (everything when ``request`` is None)."""
+        selection = None
+        run_config = {}
+        if request is not None:
+            selection = [k for k in request.asset_selection if self.repo.asset_graph.get(k).is_materializable]
+            run_config = request.run_config
+        result = dg.materialize(
+            self.assets, instance=instance, resources=self.resources, selection=selection, run_config=run_config
+        )
+        assert result.success
+        return result
+
+    def stale(self, instance: dg.DagsterInstance) -> set[str]:
+        return _names(stale_asset_keys(instance, self.repo.asset_graph))
+
+
+def _requests(result: dg.SensorResult | dg.SkipReason) -> list[dg.RunRequest]:
+    return list(result.run_requests or []) if isinstance(result, dg.SensorResult) else []
+
+
+def _events(result: dg.SensorResult | dg.SkipReason) -> list[dg.AssetObservation]:
+    return list(result.asset_events) if isinstance(result, dg.SensorResult) else []
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "market"
+    generate_synthetic_dataset(root, num_ids=6, images_per_id=4, num_cameras=3, seed=5)
+    return root
+
+
+@pytest.fixture()
+def pipeline(tiny_dataset, tmp_path, monkeypatch) -> Pipeline:
+    monkeypatch.delenv("REID_RUN_CONFIG", raising=False)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"stand-in CLIP weights" * 100)
+    return Pipeline(data, weights, tmp_path / "artifacts")
+
+
+def _add_image(root: Path) -> Path:
+    """A copy of a training image under a new valid Market-1501 name (same identity, new frame)."""
+    src = sorted((root / "bounding_box_train").glob("*.jpg"))[0]
+    pid, cam = src.name.split("_")[:2]
+    dst = root / "bounding_box_train" / f"{pid}_{cam}_999999_01.jpg"
+    shutil.copy(src, dst)
+    return dst
+
+
+def _bootstrapped(pipeline: Pipeline, instance: dg.DagsterInstance | None = None) -> dg.DagsterInstance:
+    """First sensor tick (observes, nothing to train yet), then everything materialised: all fresh."""
+    instance = instance or dg.DagsterInstance.ephemeral()
+    first = pipeline.sense(instance)
+    assert _names(e.asset_key for e in _events(first)) == {"raw_dataset", "clip_weights"}
+    assert _requests(first) == []  # nothing was ever materialised: automation never builds from scratch
+    pipeline.run(instance)
+    assert pipeline.stale(instance) == set()
+    return instance
+
+
+# --- the retrain sensor ------------------------------------------------------------------------------
+
+
+def test_data_change_requests_exactly_one_run_of_the_stale_chain(pipeline):
+    instance = _bootstrapped(pipeline)
+    quiet = pipeline.sense(instance)  # nothing changed: nothing recorded, nothing requested
+    assert _events(quiet) == [] and _requests(quiet) == [] and quiet.skip_reason is not None
+
+    _add_image(Path(pipeline.reid.data_root))
+    tick = pipeline.sense(instance)
+    (event,) = _events(tick)
+    assert event.asset_key == raw_dataset.key
+    assert json.loads(pipeline.cursor)["raw_dataset"] == event.tags["dagster/data_version"]
+    (request,) = _requests(tick)
+    assert _names(request.asset_selection) == {"raw_dataset"} | CHAIN  # re-observes, then the chain; not frozen_clip
+    assert request.run_key and request.tags["reid/trigger"] == "source changed"
+    assert pipeline.stale(instance) == {"dataset_manifest"}  # what the UI shows until the run is done
+
+    again = pipeline.sense(instance)
+    assert _events(again) == [] and _requests(again) == []
+
+    pipeline.run(instance, request)
+    assert pipeline.stale(instance) == set()
+    assert _requests(pipeline.sense(instance)) == []
+
+
+def test_automatic_runs_use_the_run_config_preset(pipeline, tmp_path, monkeypatch):
+    instance = _bootstrapped(pipeline)
+    preset = tmp_path / "preset.yaml"
+    ci_ops = yaml.safe_load((PROJECT_ROOT / "configs" / "ci.yaml").read_text())["ops"]
+    ops = {"dataset_manifest": ci_ops["dataset_manifest"], "frozen_clip": ci_ops["frozen_clip"]}
+    ops["prompt_checkpoint"] = {"config": {"epochs": 2}}  # the stand-in's config
+    preset.write_text(yaml.safe_dump({"ops": ops}))
+    monkeypatch.setenv("REID_RUN_CONFIG", str(preset))
+    _add_image(Path(pipeline.reid.data_root))
+    (request,) = _requests(pipeline.sense(instance))
+    # Only the selected assets' op config (frozen_clip is not retrained), so the run config validates.
+    assert set(request.run_config["ops"]) == {"dataset_manifest", "prompt_checkpoint"}
+    assert request.tags["reid/run_config"] == str(preset)
+    result = pipeline.run(instance, request)
+    (mat,) = result.asset_materializations_for_node("prompt_checkpoint")
+    assert mat.metadata["epochs"].value == 2
+
+
+def test_change_waits_while_a_run_touching_the_chain_is_in_progress(pipeline):
+    instance = _bootstrapped(pipeline)
+    busy = dg.DagsterRun(
+        job_name=PIPELINE_JOB,
+        run_id="busy-run",
+        status=dg.DagsterRunStatus.STARTED,
+        asset_selection=frozenset({dg.AssetKey("visual_encoder")}),
+    )
+    instance.add_run(busy)
+    cursor = pipeline.cursor
+    _add_image(Path(pipeline.reid.data_root))
+    waiting = pipeline.sense(instance)
+    assert isinstance(waiting, dg.SkipReason) and "busy-run" in waiting.skip_message
+    assert pipeline.cursor == cursor  # the change is not consumed
+    instance.delete_run("busy-run")
+    assert len(_requests(pipeline.sense(instance))) == 1
+
+
+def test_sensor_without_cursor_trusts_the_instance(pipeline):
+    """A restarted sensor (no or unreadable cursor) does not re-record versions the instance holds."""
+    instance = _bootstrapped(pipeline)
+    for cursor in (None, "not json"):
+        pipeline.cursor = cursor
+        tick = pipeline.sense(instance)
+        assert _events(tick) == [] and _requests(tick) == []
+
+
+def test_never_materialised_assets_are_not_built_automatically(pipeline):
+    instance = dg.DagsterInstance.ephemeral()
+    assert _requests(pipeline.sense(instance)) == []
+    _add_image(Path(pipeline.reid.data_root))
+    tick = pipeline.sense(instance)
+    assert len(_events(tick)) == 1 and _requests(tick) == []
+
+
+def test_weights_change_retrains_below_the_backbone_only(pipeline):
+    instance = _bootstrapped(pipeline)
+    Path(pipeline.reid.clip_weights).write_bytes(b"fine-tuned elsewhere" * 100)
+    tick = pipeline.sense(instance)
+    assert [e.asset_key for e in _events(tick)] == [clip_weights.key]
+    (request,) = _requests(tick)
+    assert _names(request.asset_selection) == {"clip_weights"} | BELOW_CLIP
+    assert pipeline.stale(instance) == {"frozen_clip"}
+
+
+def test_sensor_names_a_missing_data_root(tmp_path):
+    reid = ReidSettings(data_root=str(tmp_path / "gone"), clip_weights=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="gone"):
+        changed_source_observations(dg.DagsterInstance.ephemeral(), reid)
+
+
+# --- lineage and staleness ------------------------------------------------------------------------------
+
+
+def test_reobserving_unchanged_data_makes_nothing_stale(pipeline):
+    instance = _bootstrapped(pipeline)
+    # Explicit re-observations (e.g. "Observe sources" in the UI) that record the same versions again.
+    events, _ = changed_source_observations(dg.DagsterInstance.ephemeral(), pipeline.reid)
+    assert len(events) == 2
+    for event in events:
+        instance.report_runless_asset_event(event)
+    assert len(instance.fetch_observations(raw_dataset.key, limit=10).records) >= 2
+    assert pipeline.stale(instance) == set()
+    assert _requests(pipeline.sense(instance)) == []
+
+
+def test_touched_data_leaves_the_manifest_content_version_unchanged(pipeline):
+    """The cheap fingerprint sees a touch; the manifest's content version does not move, so nothing below is stale."""
+    instance = _bootstrapped(pipeline)
+    key = dg.AssetKey("dataset_manifest")
+    before = instance.get_latest_data_version_record(key).asset_materialization.tags["dagster/data_version"]
+    image = sorted((Path(pipeline.reid.data_root) / "query").glob("*.jpg"))[0]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert len(_events(pipeline.sense(instance))) == 1
+    assert pipeline.stale(instance) == {"dataset_manifest"}
+    pipeline.run(instance, dg.RunRequest(asset_selection=[key]))
+    after = instance.get_latest_data_version_record(key).asset_materialization.tags["dagster/data_version"]
+    assert after == before
+    assert pipeline.stale(instance) == set()
+
+
+def test_code_version_change_makes_exactly_that_asset_stale(pipeline, tmp_path):
+    instance = _bootstrapped(pipeline)
+    bumped = Pipeline(
+        Path(pipeline.reid.data_root), Path(pipeline.reid.clip_weights), tmp_path / "artifacts", prompt_code_version="2"
+    )
+    assert bumped.stale(instance) == {"prompt_checkpoint"}
+    bumped.run(instance, dg.RunRequest(asset_selection=[dg.AssetKey("prompt_checkpoint")]))
+    assert bumped.stale(instance) == {"visual_encoder"}  # one hop: now its consumer sees a new version
+
+
+# --- the nightly schedule -----------------------------------------------------------------------------
+
+
+def test_nightly_schedule_retrains_only_when_something_is_stale(pipeline, tmp_path):
+    with dg.instance_for_test() as instance:  # a schedule context reaches the instance through its ref
+        _bootstrapped(pipeline, instance)
+        assert isinstance(pipeline.nightly(instance), dg.SkipReason)
+
+        # A bumped code version: the asset and everything below it, in one run.
+        bumped = Pipeline(
+            Path(pipeline.reid.data_root), Path(pipeline.reid.clip_weights), tmp_path / "artifacts", prompt_code_version="2"
+        )
+        request = bumped.nightly(instance)
+        assert _names(request.asset_selection) == {"prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics"}
+        bumped.run(instance, request)
+        assert isinstance(bumped.nightly(instance), dg.SkipReason)
+
+        # New data while no sensor runs: the schedule observes it itself.
+        _add_image(Path(pipeline.reid.data_root))
+        request = bumped.nightly(instance)
+        assert _names(request.asset_selection) == {"raw_dataset"} | CHAIN
+        assert bumped.stale(instance) == {"dataset_manifest"}  # the observation was recorded
+        bumped.run(instance, request)
+        assert isinstance(bumped.nightly(instance), dg.SkipReason)
+
+
+# --- presets, wiring, metadata and the GPU pool -------------------------------------------------------
+
+
+def test_load_run_preset(tmp_path, monkeypatch):
+    monkeypatch.delenv("REID_RUN_CONFIG", raising=False)
+    assert load_run_preset() == {}
+    assert set(load_run_preset(PROJECT_ROOT / "configs" / "ci.yaml")) >= {"dataset_manifest", "frozen_clip"}
+    monkeypatch.setenv("REID_RUN_CONFIG", str(tmp_path / "nope.yaml"))
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_run_preset()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ops: [1, 2]\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_run_preset(bad)
+
+
+def test_project_definitions_wire_sources_automation_and_metadata():
+    from reid_pipeline.definitions import defs
+
+    repo = defs.get_repository_def()
+    graph = repo.asset_graph
+    assert {raw_dataset.key, clip_weights.key} <= graph.observable_asset_keys
+    assert raw_dataset.key in graph.get(dg.AssetKey("dataset_manifest")).parent_keys
+    assert clip_weights.key in graph.get(dg.AssetKey("frozen_clip")).parent_keys
+    for key in graph.materializable_asset_keys:
+        node = graph.get(key)
+        name = key.to_user_string()
+        assert node.code_version, f"{name} has no code_version"
+        assert node.group_name in {"data", "backbone", "training", "evaluation"}, name
+        assert node.owners and node.kinds, name
+    for key in graph.observable_asset_keys:
+        assert graph.get(key).owners and graph.get(key).group_name in {"data", "backbone"}
+    sensor = repo.get_sensor_def("reid_retrain_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    schedule = repo.get_schedule_def("nightly_retrain_schedule")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert sensor.job_name == schedule.job_name == PIPELINE_JOB
+    job_keys = set(repo.get_job(PIPELINE_JOB).asset_layer.executable_asset_keys)
+    assert {raw_dataset.key, clip_weights.key} | graph.materializable_asset_keys <= job_keys
+
+
+def test_training_assets_use_the_gpu_pool_and_tags():
+    from reid_pipeline.definitions import defs
+
+    graph = defs.get_repository_def().asset_graph
+    assert GPU_OP_TAGS["dagster-k8s/config"]["container_config"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    json.dumps(GPU_OP_TAGS)  # serialisable, as Dagster stores op tags
+    for key in graph.materializable_asset_keys:
+        if graph.get(key).group_name != "training":
+            continue
+        op = graph.assets_def_for_key(key).op
+        assert op.pool == GPU_POOL, key
+        assert json.loads(op.tags["dagster-k8s/config"]) == GPU_OP_TAGS["dagster-k8s/config"], key
+
+
+def test_automation_default_status_follows_env(monkeypatch):
+    monkeypatch.delenv("REID_AUTOMATION", raising=False)
+    assert automation_default_status() == dg.DefaultSensorStatus.RUNNING
+    monkeypatch.setenv("REID_AUTOMATION", "off")
+    assert automation_default_status() == dg.DefaultSensorStatus.STOPPED
+    monkeypatch.setenv("REID_AUTOMATION", "sometimes")
+    with pytest.raises(ValueError, match="REID_AUTOMATION"):
+        automation_default_status()
