@@ -39,12 +39,14 @@ from typing import Iterable, Sequence
 import dagster as dg
 import yaml
 
+from reid_pipeline.assets._common import OWNERS
 from reid_pipeline.assets.raw import SOURCE_FINGERPRINTS
 from reid_pipeline.resources import ReidSettings
 
 __all__ = [
     "GPU_POOL",
     "GPU_OP_TAGS",
+    "gpu_training_asset",
     "PIPELINE_JOB",
     "automation_default_status",
     "load_run_preset",
@@ -76,6 +78,12 @@ GPU_OP_TAGS: dict[str, object] = {
         },
     }
 }
+
+def gpu_training_asset(**kwargs):
+    """``@dg.asset`` for a training step: group ``training``, the ``gpu`` pool and the k8s GPU tags."""
+    return dg.asset(group_name="training", kinds={"pytorch", "gpu", "safetensors"}, owners=OWNERS,
+                    pool=GPU_POOL, op_tags=GPU_OP_TAGS, **kwargs)
+
 
 #: The job automatic runs are launched as (defined in ``definitions.py``; it includes the sources).
 PIPELINE_JOB = "reid_pipeline_job"

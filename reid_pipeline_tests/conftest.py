@@ -31,6 +31,26 @@ def tiny_rn_clip_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
+def torch_one_thread():
+    """The tiny CLIP's ops are too small to gain from threads; on a busy 2-core CPU a second OpenMP
+    thread makes them about ten times slower. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    """A fresh small ViT CLIP (not loaded from disk) per test module."""
+    from reid_pipeline.model.clip_loader import build_tiny_clip
+
+    return build_tiny_clip("vit", seed=0)
+
+
+@pytest.fixture()
 def dagster_home(tmp_path, monkeypatch) -> Path:
     """A throwaway DAGSTER_HOME with the project's dagster.yaml."""
     home = tmp_path / "dagster_home"

@@ -22,19 +22,7 @@ from reid_pipeline.storage import save_tensors
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny CLIP's ops are too small to gain from threads; on a busy 2-core CPU a second OpenMP
-    thread makes them about ten times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip_model():
-    return build_tiny_clip("vit", seed=0)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,10 +4,10 @@ import dagster as dg
 import torch
 from pydantic import Field
 
-from reid_pipeline.assets._common import OWNERS, line_plot_png, png_metadata, version_of
+from reid_pipeline.assets._common import line_plot_png, png_metadata, version_of
 from reid_pipeline.assets._inputs import image_cache, read_manifest, split_rows
 from reid_pipeline.assets.backbone import load_frozen_clip
-from reid_pipeline.automation import GPU_OP_TAGS
+from reid_pipeline.automation import gpu_training_asset
 from reid_pipeline.data.transforms import TestTransform, normalization_for
 from reid_pipeline.model.prompt import prompt_meta, prompt_state
 from reid_pipeline.resources import ReidSettings, TrainingDevice
@@ -45,13 +45,8 @@ def _log_epoch(context: dg.AssetExecutionContext):
     return log
 
 
-@dg.asset(
-    group_name="training",
-    kinds={"pytorch", "gpu", "safetensors"},
-    owners=OWNERS,
+@gpu_training_asset(
     code_version=STAGE1_CODE_VERSION,
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
     description="Stage 1: class-specific prompt tokens learned against the frozen CLIP (SupCon i2t + t2i).",
 )
 def prompt_checkpoint(

@@ -6,10 +6,10 @@ import dagster as dg
 import torch
 from pydantic import Field
 
-from reid_pipeline.assets._common import OWNERS, png_metadata, version_of
+from reid_pipeline.assets._common import png_metadata, version_of
 from reid_pipeline.assets._inputs import image_cache, read_manifest, split_rows
 from reid_pipeline.assets.backbone import load_frozen_clip
-from reid_pipeline.automation import GPU_OP_TAGS
+from reid_pipeline.automation import gpu_training_asset
 from reid_pipeline.model.prompt import PromptLearner, TextEncoder, encode_all_classes, load_prompt_tokens
 from reid_pipeline.model.reid_model import save_reid_model
 from reid_pipeline.resources import ReidSettings, TrainingDevice
@@ -68,13 +68,8 @@ def load_text_features(prompt_checkpoint: dict, clip_model) -> torch.Tensor:
     return encode_all_classes(learner, TextEncoder(clip_model))
 
 
-@dg.asset(
-    group_name="training",
-    kinds={"pytorch", "gpu", "safetensors"},
-    owners=OWNERS,
+@gpu_training_asset(
     code_version=STAGE2_CODE_VERSION,
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
     description="Stage 2: the image encoder fine-tuned with ID + triplet + image-to-text losses; BNNecks and classifiers.",
 )
 def visual_encoder(
