@@ -46,3 +46,15 @@ def test_stage2_paper_numbers():
     assert (rn.id_loss_weight, rn.triplet_loss_weight, rn.i2t_loss_weight) == (1.0, 1.0, 1.0)
     olp = VisualEncoderConfig(sie_camera=True).library_config("vit", 12, (256, 128))
     assert olp.stride == 12 and olp.sie_camera and olp.sie_coe == 3.0
+
+
+def test_stage2_refuses_prompts_of_other_identities():
+    from reid_pipeline.assets.stage2 import check_stage1_identities
+    from reid_pipeline.training.stage2 import Stage1MismatchError
+
+    manifest = {"label_to_pid": [2, 5, 7], "fingerprint": "abc"}
+    same = {"label_to_pid": [2, 5, 7], "manifest_fingerprint": "abc", "tokens": "/x/prompt_tokens.safetensors"}
+    check_stage1_identities(same, manifest)
+    other = {"label_to_pid": [2, 5, 9], "manifest_fingerprint": "old", "tokens": "/x/prompt_tokens.safetensors"}
+    with pytest.raises(Stage1MismatchError, match=r"prompt_tokens.safetensors.*new pids \[7\], gone \[9\].*rematerialise prompt_checkpoint"):
+        check_stage1_identities(other, manifest)
