@@ -9,7 +9,7 @@ import dagster as dg
 from reid_pipeline.assets.backbone import frozen_clip
 from reid_pipeline.assets.data import dataset_manifest
 from reid_pipeline.assets.evaluation import evaluation_metrics, reid_features
-from reid_pipeline.assets.raw import clip_weights, raw_dataset, with_source_deps
+from reid_pipeline.assets.raw import clip_weights, raw_dataset
 from reid_pipeline.assets.stage1 import prompt_checkpoint
 from reid_pipeline.assets.stage2 import visual_encoder
 from reid_pipeline.automation import AUTOMATION_SCHEDULES, AUTOMATION_SENSORS
@@ -43,7 +43,7 @@ reid_job = dg.define_asset_job(
 
 defs = dg.Definitions(
     # The observed sources, and the sensor/schedule that retrain when they or the code change (automation.py).
-    assets=[raw_dataset, clip_weights, *with_source_deps(all_assets)],
+    assets=[raw_dataset, clip_weights, *all_assets],
     jobs=[reid_job],
     sensors=AUTOMATION_SENSORS,
     schedules=AUTOMATION_SCHEDULES,
