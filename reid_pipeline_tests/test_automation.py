@@ -28,7 +28,7 @@ from reid_pipeline.automation import (
     retrain_sensor,
     stale_asset_keys,
 )
-from reid_pipeline.data import generate_synthetic_dataset
+from reid_pipeline.embedded.synthetic import generate_synthetic_dataset
 from reid_pipeline.resources import ArtifactIOManager, ReidSettings, TrainingDevice
 from reid_pipeline.storage import file_sha256
 from reid_pipeline_tests.conftest import PROJECT_ROOT

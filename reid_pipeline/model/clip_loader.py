@@ -6,9 +6,8 @@
 * :func:`adapt_visual` — ViT: positional embedding resized bilinearly with the class token kept,
   optional overlapping patches (OLP, stride < patch); ModifiedResNet: attention-pool positional
   embedding resized, last stride 1.
-* :func:`build_tiny_clip` / :func:`save_clip_archive` — a small, seeded CLIP built with
-  ``clip.model.CLIP`` and saved as a TorchScript archive in OpenAI's format, so the demo and the
-  tests run the real loading code without a network.
+* :func:`save_clip_archive` — save a ``clip.model.CLIP`` as a TorchScript archive in OpenAI's format,
+  which ``clip.load`` reads back (the embedded small CLIP of :mod:`reid_pipeline.embedded` uses it).
 """
 
 from __future__ import annotations
@@ -35,9 +34,7 @@ __all__ = [
     "load_clip",
     "adapt_visual",
     "freeze",
-    "build_tiny_clip",
     "save_clip_archive",
-    "ensure_tiny_clip",
     "visual_grid",
 ]
 
@@ -298,32 +295,7 @@ def load_clip(
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded small CLIP
-
-
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    # heads are derived by clip.model.build_model as width // 64, so widths are multiples of 64.
-    "vit": dict(embed_dim=128, image_resolution=224, vision_layers=2, vision_width=256, vision_patch_size=16,
-                context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
-                transformer_layers=2),
-    "resnet": dict(embed_dim=128, image_resolution=224, vision_layers=(1, 1, 1, 1), vision_width=16,
-                   vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=128,
-                   transformer_heads=2, transformer_layers=2),
-}
-
-
-def build_tiny_clip(arch: str = "vit", seed: int = 0) -> nn.Module:
-    """A small randomly initialised (seeded) ``clip.model.CLIP`` in OpenAI's architecture."""
-    if arch not in TINY_CONFIGS:
-        raise ValueError(f"arch must be one of {sorted(TINY_CONFIGS)}, got {arch!r}")
-    clip = import_clip()
-    cpu_state = torch.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = clip.model.CLIP(**TINY_CONFIGS[arch])
-    finally:
-        torch.set_rng_state(cpu_state)
-    return model.float().eval()
+# Saving a CLIP in OpenAI's format
 
 
 class _ClipForward(nn.Module):
@@ -358,11 +330,3 @@ def save_clip_archive(model: nn.Module, path: str | os.PathLike) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(traced, buf)
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def ensure_tiny_clip(path: str | os.PathLike, arch: str = "vit", seed: int = 0) -> Path:
-    """Build and save the embedded small CLIP at ``path`` unless it is already there."""
-    path = Path(path)
-    if not path.is_file():
-        save_clip_archive(build_tiny_clip(arch, seed), path)
-    return path
