@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ._parallel import Workers, cpu_workers
-from .distance import as_feature_tensor
+from .distance import as_feature_tensor, check_chunk_size
 
 __all__ = ["re_ranking"]
 
@@ -485,10 +485,8 @@ def re_ranking(
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
     if not 0.0 <= float(lambda_value) <= 1.0:
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value!r}")
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if query_chunk is not None and query_chunk < 1:
-        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    block_size = check_chunk_size(block_size, "block_size", optional=True)
+    query_chunk = check_chunk_size(query_chunk, "query_chunk", optional=True)
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     qt = as_feature_tensor(q_feats, "query features")
