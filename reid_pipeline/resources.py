@@ -14,7 +14,7 @@ import dagster as dg
 from pydantic import Field
 
 from reid_pipeline.device import DeviceSpec, resolve_device
-from reid_pipeline.storage import read_json, write_json
+from reid_pipeline.artifacts import Artifact, load_descriptor
 
 __all__ = ["ReidSettings", "TrainingDevice", "ArtifactIOManager", "DEFAULT_DATA_ROOT", "DEFAULT_CLIP_WEIGHTS"]
 
@@ -65,6 +65,10 @@ class ReidSettings(dg.ConfigurableResource):
         path.mkdir(parents=True, exist_ok=False)
         return path
 
+    def image_cache_dir(self) -> Path:
+        """Where the decode-once image caches live (shared by the assets of this storage folder)."""
+        return self.storage_path() / "_image_cache"
+
     def work_dir(self, asset_name: str, key: str) -> Path:
         """A stable folder for resumable training state, keyed by what the run trains from."""
         path = self.storage_path() / asset_name / "_resume" / key
@@ -93,29 +97,28 @@ class TrainingDevice(dg.ConfigurableResource):
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
-    """Stores each asset's output — a small JSON *descriptor* of the files it wrote — as JSON.
+    """Passes each asset's typed descriptor (:mod:`reid_pipeline.artifacts`) to the assets below it.
 
     Assets write their tensors themselves (safetensors + JSON sidecars, atomically, in a fresh
-    timestamped folder) and return a dict that says where they are and what they were made from,
-    with the folder under ``artifact_dir``. The descriptor is written into that folder and its path
-    recorded in the materialisation's metadata; downstream assets load the descriptor of the
-    latest *successful* materialisation from the event log. Nothing is pickled, and nothing of an
-    earlier materialisation is touched.
+    timestamped folder) and return the descriptor of that folder; it is saved there as
+    ``descriptor.json`` and its path recorded in the materialisation's metadata. Downstream assets
+    get the descriptor of the latest *successful* materialisation, validated against its model.
+    Nothing is pickled, and nothing of an earlier materialisation is touched.
     """
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
         name = context.asset_key.to_user_string()
-        if not isinstance(obj, dict) or "artifact_dir" not in obj:
+        if not isinstance(obj, Artifact):
             raise TypeError(
-                f"asset {name} returned {type(obj).__name__}; this IO manager stores JSON descriptors: "
-                "a dict with an 'artifact_dir' entry"
+                f"asset {name} returned {type(obj).__name__}; this IO manager stores typed descriptors "
+                "(reid_pipeline.artifacts.Artifact)"
             )
-        path = write_json(Path(obj["artifact_dir"]) / "descriptor.json", obj)
+        path = obj.save()
         context.add_output_metadata({"descriptor": dg.MetadataValue.path(str(path))})
 
-    def load_input(self, context: dg.InputContext) -> dict:
+    def load_input(self, context: dg.InputContext) -> Artifact:
         key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
         event = context.instance.get_latest_materialization_event(key)
         name = key.to_user_string()
@@ -127,4 +130,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         path = Path(entry.value)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: descriptor of the latest {name} materialisation is gone — rematerialise {name}")
-        return read_json(path)
+        artifact = load_descriptor(path)
+        if artifact.kind != key.path[-1]:
+            raise TypeError(f"{path}: descriptor of a {artifact.kind} artefact recorded for asset {name}")
+        return artifact

@@ -14,7 +14,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import dagster as dg
 
@@ -28,7 +28,6 @@ __all__ = [
     "SOURCE_FINGERPRINTS",
     "raw_dataset_fingerprint",
     "clip_weights_fingerprint",
-    "with_source_deps",
 ]
 
 _CLIP_WEIGHTS_VERSION = b"reid_pipeline.clip_weights_fingerprint.v1\n"
@@ -138,31 +137,3 @@ SOURCE_FINGERPRINTS: dict[dg.AssetKey, Callable[[ReidSettings], str]] = {
     raw_dataset.key: raw_dataset_fingerprint,
     clip_weights.key: clip_weights_fingerprint,
 }
-
-#: Which materialisable asset each source feeds (a non-argument dependency).
-_SOURCE_CONSUMERS: dict[dg.AssetKey, dg.AssetKey] = {
-    dg.AssetKey("dataset_manifest"): raw_dataset.key,
-    dg.AssetKey("frozen_clip"): clip_weights.key,
-}
-
-
-def with_source_deps(assets: Sequence) -> list:
-    """``assets`` with ``dataset_manifest`` depending on ``raw_dataset`` and ``frozen_clip`` on ``clip_weights``.
-
-    Idempotent: an asset that already declares the dependency (``deps=[raw_dataset]``) is returned
-    unchanged, so declaring it in the asset module itself is the preferred form and this becomes a no-op.
-    """
-
-    def add_dep(spec: dg.AssetSpec) -> dg.AssetSpec:
-        source = _SOURCE_CONSUMERS.get(spec.key)
-        if source is None or any(dep.asset_key == source for dep in spec.deps):
-            return spec
-        return spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(source)])
-
-    out = []
-    for item in assets:
-        if isinstance(item, dg.AssetsDefinition) and any(k in _SOURCE_CONSUMERS for k in item.keys):
-            out.append(item.map_asset_specs(add_dep))
-        else:
-            out.append(item)
-    return out

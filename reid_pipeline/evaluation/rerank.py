@@ -552,7 +552,7 @@ def _re_ranking(
         return cols, w / wsum.index_select(0, er), torch.bincount(er, minlength=r_end - r0)
 
     v_ptr, v_cols, v_vals = _csr(workers.map(encode, _chunks(n, chunk)), n, dev)
-    del m1, mh, r1, rh
+    m1 = mh = r1 = rh = None  # free the neighbour sets (the closures above are done with them)
     clock.lap("encoding")
 
     # 3. local query expansion: V_qe[i] = mean of V over i's k2 nearest neighbours
@@ -571,7 +571,7 @@ def _re_ranking(
             return (ukeys - rr * n).to(torch.int32), vals, torch.bincount(rr, minlength=r_end - r0)
 
         v_ptr, v_cols, v_vals = _csr(workers.map(expand, _chunks(n, chunk)), n, dev)
-    del top_v, top_i, scratch
+    top_v = top_i = scratch = None  # free the k-NN lists and the scratch buffers
     clock.lap("query_expansion")
 
     # 4. inverted index over the gallery rows of V_qe, padded into a few tables
