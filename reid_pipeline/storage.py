@@ -155,7 +155,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             raise no_space_error(path.parent, code=exc.errno, what="creating the folder") from exc
         raise
     if len(data) >= _CHECK_SPACE_FROM:
-        check_free_space(path.parent, len(data), what=f"writing {path.name}")
+        check_free_space(path, len(data))
     fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -168,6 +168,14 @@ def _rel(root: Path, path: Path) -> PurePosixPath:
     return PurePosixPath(Path(os.path.relpath(path, root)).as_posix())
 
 
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()``, False for a symlink loop (which makes ``is_dir`` raise ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _child_dir(parent: Path, name: str) -> Path | None:
     """The sub-folder of ``parent`` called ``name`` (exact match first, then any case)."""
     exact = parent / name
@@ -176,7 +184,7 @@ def _child_dir(parent: Path, name: str) -> Path | None:
     try:
         with os.scandir(parent) as it:
             for entry in it:
-                if entry.name.lower() == name.lower() and entry.is_dir():
+                if entry.name.lower() == name.lower() and _entry_is_dir(entry):
                     return Path(entry.path)
     except OSError:
         return None
@@ -339,7 +347,7 @@ class MarketLayout(Layout):
             prefix = _rel(root, folder)
             prefix_str = "" if str(prefix) == "." else f"{prefix}/"
             with os.scandir(folder) as it:
-                entries = sorted((e.name, e.is_dir()) for e in it)
+                entries = sorted((e.name, _entry_is_dir(e)) for e in it)
             for name, is_dir in entries:
                 rel = prefix_str + name
                 if is_dir:
@@ -568,7 +576,7 @@ def detect_layout(root: str | os.PathLike, layout: str = "auto") -> tuple[Layout
             return candidate, found
     try:
         with os.scandir(root) as it:
-            listing = sorted(e.name + ("/" if e.is_dir() else "") for e in it)
+            listing = sorted(e.name + ("/" if _entry_is_dir(e) else "") for e in it)
     except OSError:
         listing = []
     shown = ", ".join(listing[:10]) + (", ..." if len(listing) > 10 else "")
