@@ -231,8 +231,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.images}: no image files to check the export on")
     report = export_onnx(args.model, args.out, gallery_images=gallery, opset=args.opset or DEFAULT_OPSET,
                          atol=args.atol, clip=args.clip)
-    top = (f", top-{report['top_k']} identical on {report['queries']} queries over {report['gallery_images']} images"
-           if "top_k" in report else "")
+    top = ""
+    if "top_k" in report:
+        same = "identical" if report["top_k_identical"] else "identical up to numerical ties"
+        top = f", top-{report['top_k']} {same} on {report['queries']} queries over {report['gallery_images']} images"
     print(f"wrote {args.out} (opset {report['opset']}): max abs diff {report['max_abs_diff']:.2e} on "
           f"{report['check_images']} {report['check_source']}{top}")
     return 0

@@ -2,10 +2,14 @@
 
 * **Exact search** (default) computes the evaluation's distance — squared Euclidean on normalised
   features, ``||q||² + ||g||² - 2 q·g`` with the same ``addmm`` as
-  :func:`~reid_pipeline.evaluation.pairwise_distance` — over the gallery in chunks, and keeps the
-  top-k per query with one int64 key per (distance, gallery index): ties are broken by gallery
-  index exactly like the stable argsort the evaluation's ranking uses. Memory: one
-  ``queries × chunk`` block, never ``queries × gallery``.
+  :func:`~reid_pipeline.evaluation.pairwise_distance` — over the gallery in chunks (multiples of 64
+  rows; by default ``2**24 / queries`` rows, i.e. a whole 1M gallery for up to 16 queries), and keeps
+  the top-k per query with one int64 key per (distance, gallery index): ties are broken by gallery
+  index exactly like the stable argsort the evaluation's ranking uses. When the gallery fits one
+  chunk, the distances of a query batch are pairwise_distance's for that batch bit for bit on the
+  CPU (tested); across chunks, or for a query searched alone instead of inside a batch, BLAS may
+  round differently by about one float32 ulp of 2.0 (2.4e-7), which can swap exact near-ties. Memory: one ``queries × chunk``
+  block, never ``queries × gallery``.
 * **Re-ranking** (``rerank=True``) runs the project's sparse k-reciprocal
   :func:`~reid_pipeline.evaluation.re_ranking` over the queries and the gallery (the whole gallery
   up to ``RERANK_FULL_LIMIT`` items, beyond that over the union of each query's exact top
@@ -55,6 +59,9 @@ INDEX_VERSION = 1
 RERANK_FULL_LIMIT = 20_000
 _IDX_BITS = 31
 _NORM_TOL = 1e-5
+# Gallery chunks are a multiple of this many rows, so that all but the last go through the GEMM's
+# full-width kernels, as in one big matrix (a 7-row chunk would take BLAS's edge path everywhere).
+_CHUNK_ALIGN = 64
 
 
 class EmptyIndexError(ValueError):
@@ -398,7 +405,7 @@ class GalleryIndex:
         items = list(queries) if not isinstance(queries, (str, os.PathLike)) else [queries]
         result = self.predictor.extract_report(items, camids=camids if self.predictor.num_cameras else None)
         if result.failures:
-            from .predictor import UnreadableImagesError  # noqa: PLC0415
+            from .predictor import UnreadableImagesError
 
             raise UnreadableImagesError(result.failures, len(items))
         return result.features, result.names
@@ -421,6 +428,7 @@ class GalleryIndex:
             qc = q[qs : qs + q_block]
             q_sq = (qc * qc).sum(dim=1, keepdim=True)
             step = int(chunk_size or max(4096, (1 << 24) // max(1, qc.shape[0])))
+            step = -(-step // _CHUNK_ALIGN) * _CHUNK_ALIGN  # see _CHUNK_ALIGN
             best = None
             for s in range(0, n, step):
                 gc = g[s : s + step]
@@ -541,7 +549,7 @@ class GalleryIndex:
         doubled from 1 until recall@k reaches ``target_recall`` (or all cells are probed).
         Returns ``{kind, nlist, nprobe, recall_at_k, k, build_s, train_size, curve: [(nprobe, recall, ms/query)]}``.
         """
-        import faiss  # noqa: PLC0415 - optional dependency, imported when used
+        import faiss
 
         if kind not in ("ivf_flat", "ivf_sq8"):
             raise ValueError(f"kind must be 'ivf_flat' or 'ivf_sq8', got {kind!r}")
@@ -571,7 +579,6 @@ class GalleryIndex:
         for s in range(0, n, step):
             ann.add(np.ascontiguousarray(xb[s : s + step]))
         build_s = time.perf_counter() - t0
-        ann.quantizer_keep = quantizer  # keep the quantizer alive with the index
 
         if queries is None:
             m = min(int(sample_queries), n)
@@ -607,6 +614,7 @@ class GalleryIndex:
         chosen, recall, ms = curve[-1]
         ann.nprobe = int(chosen)
         self._ann = ann
+        self._ann_quantizer = quantizer  # the IVF index points at it: keep it alive
         self.ann_report = {
             "kind": kind, "nlist": nlist, "nprobe": int(chosen), "recall_at_k": float(recall), "k": kk,
             "ms_per_query": float(ms), "build_s": float(build_s), "train_size": int(train_n), "seed": int(seed),

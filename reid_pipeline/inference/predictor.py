@@ -202,7 +202,7 @@ def _resolve_encoder(path: Path) -> tuple[Path, ClipRef, dict]:
     clip = meta.get("clip")
     try:
         ref = ClipRef.model_validate(clip)
-    except Exception as exc:  # noqa: BLE001 - pydantic's message is appended
+    except Exception as exc:
         raise CheckpointError(
             f"{sidecar_path(path)}: its 'clip' section does not describe the CLIP to reload (got {clip!r}; "
             f"expected a ClipRef with source, sha256, arch, input_size, stride): {exc}"
@@ -340,7 +340,7 @@ class ReIDPredictor:
 
     @classmethod
     def _load_onnx(cls, path: Path, *, device: str, batch_size: int) -> "ReIDPredictor":
-        import onnxruntime as ort  # noqa: PLC0415 - optional at import time of the package
+        import onnxruntime as ort
 
         if not path.is_file():
             raise CheckpointError(f"{path}: ONNX file not found")
