@@ -12,6 +12,7 @@ from reid_pipeline.assets.evaluation import evaluation_metrics, reid_features
 from reid_pipeline.assets.raw import clip_weights, raw_dataset
 from reid_pipeline.assets.training import prompt_checkpoint, visual_encoder
 from reid_pipeline.jobs import reid_job
+from reid_pipeline.operations import patch_pool_wait, reap_dead_runs_sensor, reap_on_cli_start
 from reid_pipeline.resources import DEFAULT_CLIP_WEIGHTS, DEFAULT_DATA_ROOT, ArtifactIOManager, ReidSettings, TrainingDevice
 from reid_pipeline.schedules import nightly_retrain_schedule
 from reid_pipeline.sensors import retrain_sensor
@@ -21,6 +22,10 @@ def _env_or(name: str, default: str):
     """``EnvVar(name)`` when the variable is set (shown as such in the UI), else the default."""
     return dg.EnvVar(name) if os.environ.get(name) else default
 
+
+# A step waiting for a pool slot sleeps instead of spinning; a CLI run first frees what dead runs hold.
+patch_pool_wait()
+reap_on_cli_start()
 
 settings = ReidSettings(
     data_root=_env_or("REID_DATA_ROOT", DEFAULT_DATA_ROOT),
@@ -32,7 +37,7 @@ defs = dg.Definitions(
     assets=[raw_dataset, clip_weights, dataset_manifest, frozen_clip, prompt_checkpoint, visual_encoder,
             reid_features, evaluation_metrics],
     jobs=[reid_job],
-    sensors=[retrain_sensor],
+    sensors=[retrain_sensor, reap_dead_runs_sensor],
     schedules=[nightly_retrain_schedule],
     resources={"reid": settings, "device": TrainingDevice(), "io_manager": ArtifactIOManager()},
 )

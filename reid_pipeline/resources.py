@@ -4,7 +4,6 @@ Thin wrappers over the library: every method here returns plain Python / torch o
 """
 
 
-import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,14 +39,26 @@ class ReidSettings(dg.ConfigurableResource):
         description="Base folder for manifests, checkpoints, features and metrics (local path).",
     )
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Every step that uses this resource tags its run with the host, so that a run whose process
+        tree dies can be recognised and reaped (:mod:`reid_pipeline.operations`)."""
+        from reid_pipeline.operations import record_run_worker  # noqa: PLC0415  (operations imports resources' siblings)
+
+        if context.instance is not None and context.run_id:
+            record_run_worker(context.instance, context.run_id)
+
     def data_root_path(self) -> Path:
         return Path(self.data_root).expanduser().resolve()
 
     def clip_weights_spec(self) -> str:
-        """A model name as given, or a path made absolute."""
-        p = Path(self.clip_weights).expanduser()
-        looks_like_path = p.suffix or os.sep in self.clip_weights or p.exists()
-        return str(p.resolve()) if looks_like_path else self.clip_weights
+        """The canonical model name (``ViT-B/16``, also from ``vitb16``) or the absolute path of the file.
+
+        A known model name is a name although it contains ``/``; a path is what starts with ``./``,
+        ``/``, ``~``, ends like a checkpoint or exists; anything else is an unknown name (a clear error).
+        """
+        from reid_pipeline.model.clip_loader import resolve_clip_source  # noqa: PLC0415  (pulls in torch)
+
+        return resolve_clip_source(self.clip_weights, must_exist=False)
 
     def storage_path(self) -> Path:
         return Path(self.storage_dir).expanduser().resolve()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import fcntl
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import dagster as dg
 import pandas as pd
@@ -12,6 +15,7 @@ import pandas as pd
 from reid_pipeline.evaluation.plots import thumbnail_png
 from reid_pipeline.pipeline import version_of
 from reid_pipeline.resources import ReidSettings
+from reid_pipeline.training.loop import remove_training_state
 
 OWNERS = ["team:reid"]
 
@@ -29,17 +33,36 @@ def output_dir(context: dg.AssetExecutionContext, reid: ReidSettings) -> Path:
     return reid.new_artifact_dir(context.asset_key.to_python_identifier(), context.run.run_id)
 
 
-def resume_state_path(context: dg.AssetExecutionContext, reid: ReidSettings, *parts: Any) -> Path:
-    """Where this asset keeps its resumable training state, keyed by what it trains from.
+@contextmanager
+def resume_state(context: dg.AssetExecutionContext, reid: ReidSettings, *parts: Any) -> Iterator[Path]:
+    """Where this asset keeps its resumable training state, keyed by what it trains from, held
+    exclusively by this step while it trains.
 
-    A rematerialisation from the same inputs and config finds the state and resumes; the folder is
-    removed when training has finished (``remove_training_state``).
+    A rematerialisation from the same inputs and config finds the state and resumes; the state is
+    removed when training has finished. Two runs never share it: a second step with the same key
+    while the first is alive fails at once, naming the holder (the lock dies with its process).
     """
     key = version_of(*parts)
-    path = reid.work_dir(context.asset_key.to_python_identifier(), key) / "state.safetensors"
-    if path.exists():
-        context.log.info(f"resuming from {path}")
-    return path
+    folder = reid.work_dir(context.asset_key.to_python_identifier(), key)
+    lock_path = folder.with_name(f"{key}.lock")
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RuntimeError(
+                f"{folder}: another step is training from the same inputs right now ({lock.read().strip() or 'unknown'}); "
+                "it owns this resumable state — wait for it to finish"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"run {context.run.run_id}, pid {os.getpid()}")
+        lock.flush()
+        path = folder / "state.safetensors"
+        if path.exists():
+            context.log.info(f"resuming from {path}")
+        yield path
+        remove_training_state(path)
 
 
 def table_metadata(df: pd.DataFrame, max_rows: int = 20) -> dg.MetadataValue:

@@ -52,28 +52,18 @@ def clip_weights_fingerprint(reid: ReidSettings) -> str:
     Raises:
         FileNotFoundError: ``clip_weights`` looks like a path but no such file exists.
     """
-    spec = reid.clip_weights_spec()
+    from reid_pipeline.model.clip_loader import cached_weights_path  # noqa: PLC0415  (pulls in torch)
+
+    spec = reid.clip_weights_spec()  # a canonical model name or an absolute path (unknown names: a clear error)
     h = hashlib.sha256(_CLIP_WEIGHTS_VERSION)
-    path = Path(spec)
-    if path.is_file():
-        h.update(_stat_line(path).encode())
+    if os.path.isabs(spec):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"CLIP weights {spec}: no such file — set REID_CLIP_WEIGHTS or the reid "
+                                    "resource's clip_weights to a checkpoint path or a model name such as ViT-B/16")
+        h.update(_stat_line(Path(spec)).encode())
         return h.hexdigest()
-    from reid_pipeline.model.clip_loader import resolve_model_name  # noqa: PLC0415  (pulls in torch)
-
-    name = resolve_model_name(spec)
-    try:
-        import clip  # noqa: PLC0415
-
-        url = clip.clip._MODELS.get(name)
-    except ImportError:  # pragma: no cover - openai-clip is a hard dependency
-        url = None
-    if url is None:
-        raise FileNotFoundError(
-            f"CLIP weights {spec!r}: no such file and not an openai-clip model name — set REID_CLIP_WEIGHTS "
-            "or the reid resource's clip_weights to a checkpoint path or a model name such as ViT-B/16"
-        )
-    h.update(f"model:{name}".encode())
-    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    h.update(f"model:{spec}".encode())
+    cached = cached_weights_path(spec)
     if cached.is_file():
         h.update(b"\0" + _stat_line(cached).encode())
     return h.hexdigest()

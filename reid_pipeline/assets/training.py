@@ -12,11 +12,10 @@ import dagster as dg
 from pydantic import Field
 
 from reid_pipeline.artifacts import FrozenClipArtifact, ManifestArtifact, PromptArtifact
-from reid_pipeline.assets._common import OWNERS, Overrides, output_dir, picture_metadata, resume_state_path, training_metadata
+from reid_pipeline.assets._common import OWNERS, Overrides, output_dir, picture_metadata, resume_state, training_metadata
 from reid_pipeline.pipeline import encoder_step, prompts_step
 from reid_pipeline.pools import GPU_OP_TAGS, GPU_POOL
 from reid_pipeline.resources import ReidSettings, TrainingDevice
-from reid_pipeline.training.loop import remove_training_state
 from reid_pipeline.training.stage1 import Stage1Config
 from reid_pipeline.training.stage2 import Stage2Config
 
@@ -65,11 +64,10 @@ class PromptCheckpointConfig(Overrides):
 def prompt_checkpoint(context: dg.AssetExecutionContext, config: PromptCheckpointConfig, reid: ReidSettings,
                       device: TrainingDevice, dataset_manifest: ManifestArtifact, frozen_clip: FrozenClipArtifact):
     spec, cfg = device.spec(), config.library_config(frozen_clip.clip.arch)
-    state = resume_state_path(context, reid, dataset_manifest.fingerprint, frozen_clip.clip.version,
-                              cfg.model_dump(exclude={"checkpoint_every"}), spec.precision)
-    artifact, result, report = prompts_step(dataset_manifest, frozen_clip, cfg, spec, output_dir(context, reid),
-                                            cache_dir=reid.image_cache_dir(), state_path=state, log=context.log.info)
-    remove_training_state(state)
+    with resume_state(context, reid, dataset_manifest.fingerprint, frozen_clip.clip.version,
+                      cfg.model_dump(exclude={"checkpoint_every"}), spec.precision) as state:
+        artifact, result, report = prompts_step(dataset_manifest, frozen_clip, cfg, spec, output_dir(context, reid),
+                                                cache_dir=reid.image_cache_dir(), state_path=state, log=context.log.info)
     yield dg.Output(artifact, metadata={
         **training_metadata(result, spec.describe()), "tokens": dg.MetadataValue.path(artifact.tokens),
         "avg_positives_per_sample": float(result.avg_positives), "num_classes": artifact.num_classes,
@@ -106,12 +104,11 @@ def visual_encoder(context: dg.AssetExecutionContext, config: VisualEncoderConfi
                    device: TrainingDevice, dataset_manifest: ManifestArtifact, frozen_clip: FrozenClipArtifact,
                    prompt_checkpoint: PromptArtifact):
     spec, cfg = device.spec(), config.library_config(frozen_clip)
-    state = resume_state_path(context, reid, dataset_manifest.fingerprint, frozen_clip.clip.version,
-                              prompt_checkpoint.tokens, cfg.fingerprint(), spec.precision)
-    artifact, result, report = encoder_step(dataset_manifest, frozen_clip, prompt_checkpoint, cfg, spec,
-                                            output_dir(context, reid), cache_dir=reid.image_cache_dir(),
-                                            state_path=state, log=context.log.info)
-    remove_training_state(state)
+    with resume_state(context, reid, dataset_manifest.fingerprint, frozen_clip.clip.version,
+                      prompt_checkpoint.tokens, cfg.fingerprint(), spec.precision) as state:
+        artifact, result, report = encoder_step(dataset_manifest, frozen_clip, prompt_checkpoint, cfg, spec,
+                                                output_dir(context, reid), cache_dir=reid.image_cache_dir(),
+                                                state_path=state, log=context.log.info)
     yield dg.Output(artifact, metadata={
         **training_metadata(result, spec.describe()), "weights": dg.MetadataValue.path(artifact.weights),
         "final_accuracy": float(result.final_accuracy), "num_classes": artifact.num_classes,
