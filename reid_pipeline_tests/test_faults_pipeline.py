@@ -1,0 +1,106 @@
+"""The real pipeline under faults, through the CLI users run.
+
+``kill -9`` of the whole ``dagster asset materialize`` process tree in the middle of stage 2, then the
+same command again, unattended: the dead run is reaped (its ``gpu`` slot freed), stage 2 resumes from
+its last checkpoint and ends with exactly the weights of an uninterrupted run (CPU, one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+import yaml
+
+from reid_pipeline.storage import load_tensors
+from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+UPSTREAM = "raw_dataset,clip_weights,dataset_manifest,frozen_clip,prompt_checkpoint"
+
+
+@pytest.fixture(scope="module")
+def small_inputs(tmp_path_factory):
+    from reid_pipeline.embedded.synthetic import generate_synthetic_dataset
+    from reid_pipeline.embedded.tiny_clip import ensure_tiny_clip
+
+    root = tmp_path_factory.mktemp("inputs")
+    generate_synthetic_dataset(root / "data", num_ids=12, images_per_id=6, seed=3)
+    return root / "data", ensure_tiny_clip(root / "clip.pt", arch="vit", seed=0)
+
+
+def _preset(tmp_path: Path, data: Path, weights: Path, epochs: int) -> Path:
+    config = yaml.safe_load((PROJECT_ROOT / "configs" / "ci.yaml").read_text())
+    config["resources"]["reid"]["config"].update(data_root=str(data), clip_weights=str(weights),
+                                                 storage_dir=str(tmp_path / "artifacts"))
+    config["ops"]["prompt_checkpoint"]["config"]["epochs"] = 2
+    config["ops"]["visual_encoder"]["config"].update(epochs=epochs, steps=[epochs], ids_per_batch=4)
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _materialize(home: Path, preset: Path, select: str, **popen) -> subprocess.Popen:
+    env = cli_env(home)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # bit-identical CPU runs
+    return subprocess.Popen([DAGSTER, "asset", "materialize", "-m", "reid_pipeline.definitions", "--select", select,
+                             "-c", str(preset)], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _ok(proc: subprocess.Popen, timeout: float = 900) -> str:
+    out = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def _encoder_metadata(home: Path) -> dict:
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("visual_encoder"))
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_kill_9_in_stage_2_then_unattended_resume_is_bit_identical(tmp_path, dagster_home, small_inputs):
+    data, weights = small_inputs
+    preset = _preset(tmp_path, data, weights, epochs=5)
+    _ok(_materialize(dagster_home, preset, UPSTREAM))
+    _ok(_materialize(dagster_home, preset, "visual_encoder"))
+    reference = _encoder_metadata(dagster_home)
+    assert reference["resumed_from_epoch"] == 0 and reference["epochs"] == 5
+
+    victim = _materialize(dagster_home, preset, "visual_encoder", start_new_session=True)
+    resume = tmp_path / "artifacts" / "visual_encoder" / "_resume"
+    deadline = time.time() + 600
+    while True:  # kill the whole tree once stage 2 has checkpointed epoch 2
+        sidecars = list(resume.glob("*/state.json"))
+        if sidecars and json.loads(sidecars[0].read_text() or "{}").get("epoch", 0) >= 2:
+            break
+        assert victim.poll() is None, victim.communicate()[0][-4000:]
+        assert time.time() < deadline, "stage 2 did not checkpoint epoch 2 in time"
+        time.sleep(0.1)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.communicate(timeout=60)
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        stuck = [r for r in instance.get_runs() if r.status == dg.DagsterRunStatus.STARTED]
+        assert len(stuck) == 1 and instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+
+    out = _ok(_materialize(dagster_home, preset, "visual_encoder"), timeout=600)  # the same command, nothing else
+    assert "marked failed by reid_pipeline" in out
+    resumed = _encoder_metadata(dagster_home)
+    assert resumed["resumed_from_epoch"] >= 2 and resumed["epochs"] == 5
+    a, _ = load_tensors(reference["weights"])
+    b, _ = load_tensors(resumed["weights"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert not list(resume.glob("*/state.*"))  # finished: no resumable state left behind
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+        assert [r.status.value for r in instance.get_runs()].count("FAILURE") == 1
