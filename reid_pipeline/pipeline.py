@@ -183,18 +183,23 @@ def image_to_prompt_accuracy(image_features: torch.Tensor, labels: torch.Tensor,
 
 def prompts_step(manifest: ManifestArtifact, frozen: FrozenClipArtifact, config: Stage1Config, spec: DeviceSpec,
                  out_dir: Path, *, cache_dir: Path, state_path: Path | None = None, log: StepLog = _quiet,
-                 on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None,
+                 on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None, parallel=None,
                  ) -> tuple[PromptArtifact, Stage1Result, dict[str, Any]]:
     """Stage 1: image features of the training split once (training precision, as CLIP-ReID), then the
-    prompt tokens; writes ``prompt_tokens.safetensors`` (+ JSON) and ``stage1_loss.png``."""
+    prompt tokens; writes ``prompt_tokens.safetensors`` (+ JSON) and ``stage1_loss.png``.
+
+    ``parallel``: one rank of a ``torch.distributed`` job (:mod:`reid_pipeline.training.distributed`);
+    every rank trains, only rank 0 writes (the others return ``None`` for the artefact)."""
     clip_model, info = load_frozen_clip(frozen.clip)
     train = split_rows(read_manifest(manifest), "train")
     log(f"stage 1 on {spec.describe()}: {len(train)} images, {manifest.num_classes} identities, {config.epochs} epochs")
     cache = image_cache(manifest, train, cache_dir, log)
-    features = extract_features(clip_model.encode_image, cache, None, _test_transform(frozen.clip), spec)
+    features = extract_features(clip_model.encode_image, cache, None, _test_transform(frozen.clip), spec, parallel=parallel)
     labels = torch.as_tensor(train.label.to_numpy(), dtype=torch.long)
     result = train_prompts(clip_model, features, labels, manifest.num_classes, config, spec,
-                           state_path=state_path, on_epoch_end=on_epoch_end, log=log)
+                           state_path=state_path, on_epoch_end=on_epoch_end, log=log, parallel=parallel)
+    if parallel is not None and not parallel.is_main:
+        return None, result, {}
     learner = result.prompt_learner
     with torch.no_grad(), spec.autocast():
         text = encode_all_classes(learner, TextEncoder(clip_model))
@@ -239,8 +244,9 @@ def prompt_text_features(prompts: PromptArtifact, clip_model: torch.nn.Module) -
 def encoder_step(manifest: ManifestArtifact, frozen: FrozenClipArtifact, prompts: PromptArtifact, config: Stage2Config,
                  spec: DeviceSpec, out_dir: Path, *, cache_dir: Path, state_path: Path | None = None,
                  log: StepLog = _quiet, on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None,
-                 ) -> tuple[EncoderArtifact, Stage2Result, dict[str, Any]]:
-    """Stage 2: fine-tune the image encoder; writes ``visual_encoder.safetensors`` (+ JSON) and curves."""
+                 parallel=None) -> tuple[EncoderArtifact, Stage2Result, dict[str, Any]]:
+    """Stage 2: fine-tune the image encoder; writes ``visual_encoder.safetensors`` (+ JSON) and curves.
+    ``parallel``: as in :func:`prompts_step` (only rank 0 writes)."""
     check_stage1_identities(prompts, manifest)
     clip_model, _ = load_frozen_clip(frozen.clip)
     train = split_rows(read_manifest(manifest), "train")
@@ -248,7 +254,9 @@ def encoder_step(manifest: ManifestArtifact, frozen: FrozenClipArtifact, prompts
     model = build_reid_model(clip_model, prompts.num_classes, config, num_cameras=manifest.num_cameras)
     cache = image_cache(manifest, train, cache_dir, log)
     result = train_visual_encoder(model, text, cache, train.label.to_numpy(), train.camid.to_numpy(), config, spec,
-                                  state_path=state_path, on_epoch_end=on_epoch_end, log=log)
+                                  state_path=state_path, on_epoch_end=on_epoch_end, log=log, parallel=parallel)
+    if parallel is not None and not parallel.is_main:
+        return None, result, {}
     weights = save_reid_model(out_dir / "visual_encoder.safetensors", model.cpu(), {
         "label_to_pid": manifest.label_to_pid, "clip": frozen.clip.model_dump(mode="json"),
         "manifest_fingerprint": manifest.fingerprint, "prompt_tokens": prompts.tokens,
@@ -270,8 +278,10 @@ def encoder_step(manifest: ManifestArtifact, frozen: FrozenClipArtifact, prompts
 
 
 def features_step(manifest: ManifestArtifact, encoder: EncoderArtifact, spec: DeviceSpec, out_dir: Path, *,
-                  cache_dir: Path, batch_size: int = 128, log: StepLog = _quiet) -> FeaturesArtifact:
+                  cache_dir: Path, batch_size: int = 128, log: StepLog = _quiet, parallel=None) -> FeaturesArtifact:
     """Query and gallery features of the fine-tuned encoder and of the frozen CLIP (baseline).
+
+    ``parallel``: as in :func:`prompts_step`; each rank extracts its share, rank 0 writes.
 
     ``spec`` is used as given: CLIP-ReID extracts test features in fp32 (no autocast).
     """
@@ -286,12 +296,14 @@ def features_step(manifest: ManifestArtifact, encoder: EncoderArtifact, spec: De
         rows = split_rows(manifest_df, split)
         cache = image_cache(manifest, rows, cache_dir, log)
         cams = rows.camid.to_numpy() if model.num_cameras else None
-        tensors[split] = extract_features(model, cache, None, transform, spec, batch_size, cam_ids=cams)
-        tensors[f"baseline_{split}"] = extract_features(baseline, cache, None, transform, spec, batch_size)
+        tensors[split] = extract_features(model, cache, None, transform, spec, batch_size, cam_ids=cams, parallel=parallel)
+        tensors[f"baseline_{split}"] = extract_features(baseline, cache, None, transform, spec, batch_size, parallel=parallel)
         tensors[f"{split}_pids"] = torch.as_tensor(rows.pid.to_numpy(), dtype=torch.int64)
         tensors[f"{split}_camids"] = torch.as_tensor(rows.camid.to_numpy(), dtype=torch.int64)
         meta[f"{split}_paths"] = list(rows.path)
         log(f"{split}: {len(rows)} images → features {tuple(tensors[split].shape)} ({spec.precision})")
+    if parallel is not None and not parallel.is_main:
+        return None
     path = save_tensors(out_dir / "features.safetensors", tensors, meta)
     return FeaturesArtifact(artifact_dir=str(out_dir), features=str(path), root=manifest.root,
                             encoder_weights=encoder.weights, precision=spec.precision)

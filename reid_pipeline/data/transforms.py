@@ -232,6 +232,8 @@ class AugmentParams:
     erase: torch.Tensor  # bool (B,): erase this sample
     box: torch.Tensor  # long (B, 4): y0, x0, h, w of the erased box (meaningful where erase)
     noise_seed: int  # seeds the erase-noise generator on the batch's device
+    noise_offset: int = 0  # a rank's slice of a larger batch: where its erase noise starts in the
+    noise_total: int | None = None  # batch's draw of noise_total values (None: this batch alone)
 
     def __len__(self) -> int:
         return int(self.flip.numel())
@@ -355,7 +357,9 @@ class TrainTransform:
         count = int((box[:, 2] * box[:, 3] * params.erase.long()).sum()) * c
         if count == 0:
             return y
-        noise = torch.randn(count, generator=self._noise_generator(dev, params.noise_seed), device=dev, dtype=y.dtype)
+        total, skip = (count if params.noise_total is None else int(params.noise_total)), int(params.noise_offset)
+        noise = torch.randn(total, generator=self._noise_generator(dev, params.noise_seed), device=dev, dtype=y.dtype)
+        noise = noise[skip : skip + count]
         if method == "loop" or (method == "auto" and dev.type == "cpu"):
             offset = 0
             for i in params.erase.nonzero().flatten().tolist():

@@ -28,6 +28,7 @@ def extract_features(
     device_spec: DeviceSpec,
     batch_size: int = 128,
     cam_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    parallel=None,
 ) -> torch.Tensor:
     """Features ``(N, D)`` (float32, CPU) of the images at ``indices`` (all when ``None``).
 
@@ -37,10 +38,22 @@ def extract_features(
     :class:`~reid_pipeline.data.transforms.TestTransform`. ``cam_ids`` (one per *cache* image,
     0-based) are passed as the second argument when given — needed by a model with SIE.
     Runs under ``torch.no_grad()`` and the device's autocast.
+
+    ``parallel`` (a :class:`~reid_pipeline.training.distributed.Parallel`): each rank extracts a
+    contiguous run of whole batches (the very batches one process would run, so the features are
+    identical) and every rank gets all features back, in order.
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     idx_all = torch.arange(len(cache)) if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+    if parallel is not None and parallel.world_size > 1:
+        n, bs = idx_all.numel(), int(batch_size)
+        batches = -(-n // bs)
+        spans = [parallel.bounds_of(r, batches) for r in range(parallel.world_size)]
+        sizes = tuple(min(n, b1 * bs) - min(n, b0 * bs) for b0, b1 in spans)
+        lo_b, hi_b = spans[parallel.rank]
+        local = extract_features(model_or_fn, cache, idx_all[lo_b * bs : hi_b * bs], transform, device_spec, bs, cam_ids)
+        return parallel.gather_rows(local, sizes)
     cams = None
     if cam_ids is not None:
         cams = torch.as_tensor(np.asarray(cam_ids), dtype=torch.long).reshape(-1)

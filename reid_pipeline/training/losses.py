@@ -154,9 +154,15 @@ class Stage2Loss(nn.Module):
         image_proj: torch.Tensor,
         text_features: torch.Tensor,
         labels: torch.Tensor,
+        *,
+        triplet_feats: Sequence[torch.Tensor] | None = None,
+        triplet_labels: torch.Tensor | None = None,
     ) -> Stage2LossOutput:
+        """``triplet_feats``/``triplet_labels``: the global batch under ``torch.distributed`` (the
+        batch-hard triplet mines over all ranks' rows); default: ``feats``/``labels``."""
         id_loss = sum(self.xent(s, labels) for s in logits)
-        tri_loss = sum(self.triplet(f, labels) for f in feats)
+        tri_labels = labels if triplet_labels is None else triplet_labels
+        tri_loss = sum(self.triplet(f, tri_labels) for f in (feats if triplet_feats is None else triplet_feats))
         scores = i2t_logits(image_proj, text_features)
         i2t_loss = self.xent(scores, labels)
         total = self.id_weight * id_loss + self.triplet_weight * tri_loss + self.i2t_weight * i2t_loss

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +29,9 @@ from reid_pipeline.device import DeviceSpec, resolve_device
 from reid_pipeline.model.prompt import PromptLearner, TextEncoder, _text_dims, default_template, encode_labels
 from reid_pipeline.storage import tensors_fingerprint
 from reid_pipeline.training.loop import LoopResult, NonFiniteLossError, RankHooks, run_training
+
+if TYPE_CHECKING:
+    from reid_pipeline.training.distributed import Parallel
 from reid_pipeline.training.schedulers import set_lr, warmup_cosine_lr
 from reid_pipeline.training.supcon import average_positives, stage1_loss
 
@@ -126,8 +129,13 @@ class _PromptStage:
     name = "stage 1"
 
     def __init__(self, clip_model: nn.Module, image_features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 config: Stage1Config, spec: DeviceSpec):
+                 config: Stage1Config, spec: DeviceSpec, parallel: "Parallel | None" = None):
         self.config, self.spec, self.num_classes, self.epochs = config, spec, int(num_classes), config.epochs
+        # Under torch.distributed every rank draws the same permutation and keeps its slice of each
+        # global batch; the SupCon loss sees the whole batch through a differentiable gather.
+        self.parallel = parallel
+        if parallel is not None:
+            parallel.check_batch(config.batch_size, "stage 1 batch_size")
         device = spec.device
         self.generator = torch.Generator().manual_seed(int(config.seed))
         self.generators = {"stage1": self.generator}
@@ -178,14 +186,23 @@ class _PromptStage:
         for start in range(0, n, config.batch_size):  # the last batch is partial, never empty
             idx = perm_dev[start : start + config.batch_size]
             batch_labels = self.targets[idx]
+            par = self.parallel
+            lo, hi = par.bounds(idx.numel()) if par is not None else (0, idx.numel())
             self.optimizer.zero_grad(set_to_none=True)
-            with spec.autocast():
-                text = encode_labels(
-                    self.prompt_learner, self.text_encoder, batch_labels,
-                    distinct=config.distinct_labels, prefix_cache=config.prefix_cache, prefix_kv=self.prefix_kv,
-                )
-            loss = stage1_loss(self.features[idx], text.float(), batch_labels)
+            if hi > lo:
+                with spec.autocast():
+                    text = encode_labels(
+                        self.prompt_learner, self.text_encoder, batch_labels[lo:hi],
+                        distinct=config.distinct_labels, prefix_cache=config.prefix_cache, prefix_kv=self.prefix_kv,
+                    ).float()
+            else:  # this rank's slice of the epoch's last, partial batch is empty
+                text = self.features.new_zeros(0, self.features.shape[1])
+            if par is not None:
+                text = par.gather(text, idx.numel())
+            loss = stage1_loss(self.features[idx], text, batch_labels)
             self.scaler.scale(loss).backward()
+            if par is not None:  # the loss is the global batch's on every rank: average = its gradient
+                par.average_gradients([self.prompt_learner.cls_ctx])
             self.scaler.step(self.optimizer)
             self.scaler.update()
             step_losses.append(loss.detach())
@@ -215,6 +232,7 @@ def train_prompts(
     on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None,
     log: Callable[[str], None] | None = None,
     hooks: RankHooks | None = None,
+    parallel: "Parallel | None" = None,
 ) -> Stage1Result:
     """Learn the prompt tokens of ``num_classes`` identities from precomputed image features.
 
@@ -227,6 +245,9 @@ def train_prompts(
         device_spec: where and in which precision to train (default: CPU, fp32).
         state_path, on_epoch_end, log, hooks: as in :func:`~reid_pipeline.training.loop.run_training`
             (the history rows carry ``avg_positives`` besides the common fields).
+        parallel: run as one rank of a ``torch.distributed`` job
+            (:func:`~reid_pipeline.training.distributed.init_distributed`); ``config.batch_size`` is
+            the global batch, the result equals one process's. Its hooks are used unless ``hooks`` is given.
 
     Raises:
         Stage1Error: bad inputs. CheckpointError: a resume state written for another config or data,
@@ -237,7 +258,9 @@ def train_prompts(
     _validate(clip_model, image_features, labels, num_classes)
     if state_path is not None and Path(state_path).suffix != ".safetensors":
         raise Stage1Error(f"state_path {state_path}: expected a file name ending in .safetensors")
-    stage = _PromptStage(clip_model, image_features, labels, num_classes, config, spec)
+    stage = _PromptStage(clip_model, image_features, labels, num_classes, config, spec, parallel)
+    if parallel is not None and hooks is None:
+        hooks = parallel.hooks()
     frozen_flags = [(p, p.requires_grad) for p in stage.text_encoder.parameters()]
     for p, _ in frozen_flags:
         p.requires_grad_(False)

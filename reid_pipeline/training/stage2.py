@@ -45,6 +45,7 @@ from reid_pipeline.device import DeviceSpec
 from reid_pipeline.model.reid_model import ReIDModel
 from reid_pipeline.training.loop import LoopResult, NonFiniteLossError, RankHooks, run_training
 from reid_pipeline.training.losses import LOSS_WEIGHTS, Stage2Loss
+from reid_pipeline.training.distributed import Parallel, shard_augment_params
 from reid_pipeline.training.schedulers import set_lr, warmup_multistep_lr
 
 __all__ = [
@@ -275,10 +276,17 @@ class _EncoderStage:
     name = "stage 2"
 
     def __init__(self, model: ReIDModel, text_features: torch.Tensor, cache: ImageCache, labels: torch.Tensor,
-                 camids: torch.Tensor | None, num_classes: int, config: Stage2Config, spec: DeviceSpec):
+                 camids: torch.Tensor | None, num_classes: int, config: Stage2Config, spec: DeviceSpec,
+                 parallel: Parallel | None = None):
         self.model, self.cache, self.config, self.spec, self.epochs = model, cache, config, spec, config.epochs
         device = spec.device
         model.to(device)
+        # Under torch.distributed: every rank draws the same P×K batches and augmentation parameters
+        # and keeps its slice; the model runs in DDP (optionally with synchronised BatchNorm).
+        self.parallel = parallel
+        if parallel is not None:
+            parallel.check_batch(config.batch_size, "stage 2 ids_per_batch × instances_per_id")
+        self.net = parallel.wrap(model) if parallel is not None else model
         self.text = text_features.to(device=device, dtype=torch.float32)
         self.labels = labels.to(device)
         self.cams = camids.to(device) if (camids is not None and model.num_cameras) else None
@@ -308,21 +316,22 @@ class _EncoderStage:
     def load_state_tensors(self, tensors, source: str) -> None:
         self.model.load_state_tensors(tensors, source=source)
 
-    def _input(self, idx: torch.Tensor) -> torch.Tensor:
+    def _input(self, idx: torch.Tensor, params=None) -> torch.Tensor:
         images = self.cache.fetch(idx, self.spec.device)
+        params = params if params is not None else self.transform.sample_params(idx.numel())
         if self.spec.device.type != "cpu":
-            return self.transform(images)
+            return self.transform.apply(images, params)
         # reuse one output buffer: a fresh 25 MB tensor per batch costs page faults on the CPU;
         # the previous batch is no longer needed once its backward pass has run.
         if self._xbuf is None or self._xbuf.shape[0] != idx.numel():
             self._xbuf = torch.empty(idx.numel(), 3, *self.config.input_size)
-        return self.transform(images, out=self._xbuf)
+        return self.transform.apply(images, params, out=self._xbuf)
 
     def run_epoch(self, epoch: int, log: Callable[[str], None]) -> dict[str, float]:
-        config, spec, model = self.config, self.spec, self.model
+        config, spec = self.config, self.spec
         lr = stage2_lr(epoch, config)
         set_lr(self.optimizer, lr)
-        model.train()
+        self.net.train()
         keys = (*LOSS_TERMS, "acc", "id_acc")
         sums = dict.fromkeys(keys, 0.0)
         n_steps, n_images = 0, 0
@@ -330,18 +339,28 @@ class _EncoderStage:
             if step > self.steps_per_epoch:
                 break
             idx = torch.tensor(batch, dtype=torch.long)
-            x = self._input(idx)
+            par, triplet = self.parallel, {}
+            if par is None:
+                x = self._input(idx)
+            else:  # this rank's slice of the global batch, augmented as one process would
+                lo, hi = par.bounds(idx.numel())
+                x = self._input(idx[lo:hi], shard_augment_params(self.transform.sample_params(idx.numel()), lo, hi))
+                triplet["triplet_labels"] = self.labels[idx.to(spec.device)]
+                idx = idx[lo:hi]
             idx_dev = idx.to(spec.device)
             target = self.labels[idx_dev]
             cams = self.cams[idx_dev] if self.cams is not None else None
             with spec.autocast():
-                logits, feats, proj = model(x, cams)
-            out = self.criterion(logits, feats, proj, self.text, target)
+                logits, feats, proj = self.net(x, cams)
+            if par is not None:
+                triplet["triplet_feats"] = [par.gather(f) for f in feats]
+            out = self.criterion(logits, feats, proj, self.text, target, **triplet)
             with torch.no_grad():
                 acc = (out.i2t_logits.argmax(dim=1) == target).float().mean()
                 id_acc = (logits[0].argmax(dim=1) == target).float().mean()
                 values = torch.stack([out.total.detach(), out.id.detach(), out.triplet.detach(), out.i2t.detach(),
-                                      acc, id_acc]).float().tolist()
+                                      acc, id_acc]).float()
+                values = (par.mean(values) if par is not None else values).tolist()
             terms = dict(zip(keys, values))
             if not all(math.isfinite(v) for v in values[:4]):
                 where = self.state_path if self.state_path and Path(self.state_path).is_file() else None
@@ -358,7 +377,7 @@ class _EncoderStage:
             for k, v in terms.items():
                 sums[k] += v
             n_steps += 1
-            n_images += int(idx.numel())
+            n_images += int(idx.numel()) * (par.world_size if par is not None else 1)
             if step % config.log_period == 0:
                 log(f"stage 2 epoch {epoch} iter {step}/{self.steps_per_epoch}: loss {terms['loss']:.4f}, "
                     f"acc {terms['acc']:.3f}, lr {lr:.2e}")
@@ -381,19 +400,24 @@ def train_visual_encoder(
     on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None,
     log: Callable[[str], None] | None = None,
     hooks: RankHooks | None = None,
+    parallel: Parallel | None = None,
 ) -> Stage2Result:
     """Run (or resume) stage 2 on ``cache`` with ``labels`` (0..C-1) and frozen ``text_features``.
 
     ``camids`` (0-based) are needed when the model has SIE, otherwise ignored. ``state_path``,
     ``on_epoch_end`` (``True`` stops after that epoch's checkpoint), ``log`` and ``hooks``: as in
     :func:`~reid_pipeline.training.loop.run_training`; history rows carry ``id``, ``triplet``,
-    ``i2t``, ``acc`` and ``id_acc`` besides the common fields.
+    ``i2t``, ``acc`` and ``id_acc`` besides the common fields. ``parallel``: run as one rank of a
+    ``torch.distributed`` job (:mod:`reid_pipeline.training.distributed`): P×K is the global batch,
+    the result equals one process's (with ``sync_bn``); its hooks are used unless ``hooks`` is given.
     """
     labels_t = _as_long(labels, "labels")
     cam_t = _as_long(camids, "camids") if camids is not None else None
     text_features = text_features.detach()
     num_classes = _validate(model, text_features, cache, labels_t, cam_t, config)
-    stage = _EncoderStage(model, text_features, cache, labels_t, cam_t, num_classes, config, device_spec)
+    stage = _EncoderStage(model, text_features, cache, labels_t, cam_t, num_classes, config, device_spec, parallel)
+    if parallel is not None and hooks is None:
+        hooks = parallel.hooks()
     stage.state_path = str(state_path) if state_path is not None else None
     if log is not None:
         log(f"stage 2: {len(cache)} images, {num_classes} identities, {config.ids_per_batch}x{config.instances_per_id} "
