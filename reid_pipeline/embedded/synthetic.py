@@ -385,9 +385,8 @@ def _draw_person(ident: _Identity, view: str, rng: np.random.Generator, w: int, 
     # legs and lower body
     hip_l, hip_r = (cx - hw / 4, hip_y), (cx + hw / 4, hip_y)
     foot_l, foot_r = (cx - hw / 4 - stride / 2, foot), (cx + hw / 4 + stride / 2, foot)
-    knee = lambda hp, ft: ((hp[0] + ft[0]) / 2, (hp[1] + ft[1]) / 2)
     for hp, ft in ((hip_l, foot_l), (hip_r, foot_r)):
-        kn = knee(hp, ft)
+        kn = ((hp[0] + ft[0]) / 2, (hp[1] + ft[1]) / 2)
         if ident.bottom_type == "trousers":
             _limb(draw, hp, ft, leg_w, ident.bottom)
         elif ident.bottom_type == "shorts":

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reid_pipeline.data.cache import ImageCache
+from reid_pipeline.data.sampler import PKSampler
 from reid_pipeline.data.transforms import (
     TestTransform,
     TrainTransform,
@@ -104,6 +105,9 @@ class PretrainConfig(BaseModel):
     flip_p: float = Field(0.5, ge=0, le=1)
     pad: int = Field(4, ge=0, description="pad-and-random-crop augmentation, pixels")
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of pids held out for zero-shot retrieval")
+    instances_per_group: int = Field(
+        4, ge=1, description="K: batches of batch_size/K pids × K of their images (P×K sampling) when the captions "
+                             "carry pids; 1 = plain random batches")
     seed: int = 0
 
 
@@ -240,7 +244,9 @@ class _UsedTokens(nn.Module):
 
 
 @torch.no_grad()
-def encode_images(model: nn.Module, cache: ImageCache, transform: Callable, spec: DeviceSpec, batch_size: int = 256) -> torch.Tensor:
+def encode_images(
+    model: nn.Module, cache: ImageCache, transform: Callable, spec: DeviceSpec, batch_size: int = 256
+) -> torch.Tensor:
     """L2-normalised image features (N, D) of every cached image, float32 on the CPU."""
     out = []
     for start in range(0, len(cache), batch_size):
@@ -263,7 +269,9 @@ def encode_captions(model: nn.Module, captions: Sequence[str], spec: DeviceSpec,
     return torch.cat(out)
 
 
-def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, groups: Sequence[int] | torch.Tensor) -> dict[str, float]:
+def retrieval_accuracy(
+    image_features: torch.Tensor, text_features: torch.Tensor, groups: Sequence[int] | torch.Tensor
+) -> dict[str, float]:
     """Top-1 retrieval between images and captions (row ``i`` of both describes the same image).
 
     A hit is a best match from the same group (``groups[i]``; give each row its own group to require
@@ -343,7 +351,9 @@ def pretrain_clip(
     arch = "vit" if hasattr(model.visual, "class_embedding") else "resnet"
     size = tuple(int(v) for v in cfg.input_size)
     if arch == "resnet" and size != (model.visual.input_resolution,) * 2:
-        raise ValueError(f"a ResNet CLIP pre-trains at its own square size {model.visual.input_resolution}, got input_size {size}")
+        raise ValueError(
+            f"a ResNet CLIP pre-trains at its own square size {model.visual.input_resolution}, got input_size {size}"
+        )
     train_idx, hold_idx = _split(records, cfg.holdout_fraction, cfg.seed)
     if len(train_idx) < 2:
         raise CaptionsError(f"only {len(train_idx)} training captions after holding out {len(hold_idx)}")
@@ -365,7 +375,17 @@ def pretrain_clip(
     scaler = spec.grad_scaler()
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train_idx)
-    steps_per_epoch = max(1, n // cfg.batch_size)  # full batches only: every step sees batch_size negatives
+    sampler = None
+    if cfg.instances_per_group > 1 and bool((groups >= 0).any()):
+        if cfg.batch_size % cfg.instances_per_group:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of instances_per_group {cfg.instances_per_group}")
+        # records without a pid form groups of their own (their K slots repeat the image, augmented anew)
+        sample_ids = torch.where(groups >= 0, groups, -2 - torch.arange(n))
+        sampler = PKSampler(sample_ids, p=cfg.batch_size // cfg.instances_per_group, k=cfg.instances_per_group,
+                            generator=gen)
+        steps_per_epoch = max(1, len(sampler))
+    else:
+        steps_per_epoch = max(1, n // cfg.batch_size)  # full batches only: every step sees batch_size negatives
     total = steps_per_epoch * cfg.epochs
     # warmup_cosine_lr is evaluated at the fractional epoch: the schedule advances every step.
     losses: list[float] = []
@@ -374,10 +394,13 @@ def pretrain_clip(
     step = 0
     try:
         for epoch in range(1, cfg.epochs + 1):
-            perm = torch.randperm(n, generator=gen)
+            if sampler is not None:
+                batches = [torch.as_tensor(b, dtype=torch.long) for b in sampler][:steps_per_epoch]
+            else:
+                perm = torch.randperm(n, generator=gen)
+                batches = [perm[b * cfg.batch_size : (b + 1) * cfg.batch_size] for b in range(steps_per_epoch)]
             run, count = 0.0, 0
-            for b in range(steps_per_epoch):
-                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            for idx in batches:
                 lr = warmup_cosine_lr(
                     step / steps_per_epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr_init, cfg.min_lr
                 )
