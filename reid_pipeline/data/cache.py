@@ -452,7 +452,7 @@ class ImageCache:
             return None
         try:
             index = read_json(index_path)
-        except Exception:  # noqa: BLE001 - an unreadable index just means "rebuild"
+        except Exception:  # an unreadable index just means "rebuild"
             return None
         if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
             return None

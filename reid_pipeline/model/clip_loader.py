@@ -60,7 +60,7 @@ def import_clip():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        import clip  # noqa: PLC0415
+        import clip
 
     return clip
 
@@ -289,7 +289,9 @@ def _load_named(clip, name: str, download_root: str | None, allow_download: bool
                 f"{target}: the cached weights of CLIP model {name!r} are truncated or corrupt (SHA-256 differs from "
                 f"OpenAI's {expected[:12]}…) and could not be replaced ({_error_text(exc)}); {where}"
             ) from exc
-        raise ClipWeightsError(f"{target}: the cached weights of CLIP model {name!r} could not be loaded ({_error_text(exc)})") from exc
+        raise ClipWeightsError(
+            f"{target}: the cached weights of CLIP model {name!r} could not be loaded ({_error_text(exc)})"
+        ) from exc
     return model, target
 
 
@@ -307,12 +309,12 @@ def _load_file(clip, path: Path) -> tuple[nn.Module, Path]:
         # A TorchScript archive whose module is not CLIP.
         try:
             keys = sorted(torch.jit.load(str(path), map_location="cpu").state_dict())[:6]
-        except Exception:  # noqa: BLE001 - only used to describe the file
+        except Exception:  # only used to describe the file
             keys = []
         raise ClipWeightsError(
             f"{path}: {what} that is not OpenAI CLIP (missing {_clean_message(exc)}); found keys like: {', '.join(keys)}"
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - clip.load raises many kinds; we re-raise with context
+    except Exception as exc:  # clip.load raises many kinds; re-raised below with context
         first_error = exc
     # clip.load's state-dict fallback re-reads a consumed file object; read plain state dicts ourselves.
     if zipfile.is_zipfile(path) or what.startswith("a legacy pickle"):
@@ -320,14 +322,14 @@ def _load_file(clip, path: Path) -> tuple[nn.Module, Path]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if _looks_corrupt(exc):
                 raise ClipWeightsError(f"{path}: {what} that is truncated or corrupt ({_error_text(exc)})") from exc
             raise ClipWeightsError(f"{path}: {what} that could not be read as CLIP weights: {_clean_message(exc)}") from exc
         state = _check_state_dict(path, state)
         try:
             model = clip.model.build_model(dict(state)).float()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ClipWeightsError(f"{path}: CLIP state dict with unexpected shapes ({_error_text(exc)})") from exc
         return model, path
     raise ClipWeightsError(
@@ -483,7 +485,7 @@ class _ClipForward(nn.Module):
 
 def save_clip_archive(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` as a TorchScript archive whose ``state_dict()`` has OpenAI's keys (atomic)."""
-    import io  # noqa: PLC0415
+    import io
 
     clip = import_clip()
     model = model.float().eval()
