@@ -160,7 +160,8 @@ def build_gallery_index(
                            id_arr[rows] if id_arr is not None else None, cam_arr[rows] if cam_arr is not None else None)
         index.skipped.extend(meta["failures"])
     if len(index) == 0:
-        raise ValueError(f"none of the {n} images could be read (first: {index.skipped[0]['name']}: {index.skipped[0]['reason']})")
+        first = index.skipped[0]
+        raise ValueError(f"none of the {n} images could be read (first: {first['name']}: {first['reason']})")
     index.save(out_dir, extra={"complete": True, "list_fingerprint": list_fp, "images_listed": n})
     shutil.rmtree(shard_dir, ignore_errors=True)
     say(f"indexed {len(index)} of {n} images into {out_dir}" + (f" ({len(index.skipped)} unreadable)" if index.skipped else ""))

@@ -299,7 +299,8 @@ class GalleryIndex:
         if n and self._with_ids is None:
             self._with_ids = has
         if n:
-            self.features = torch.cat([self.features, _unit_rows(feats).contiguous()]) if len(self.paths) else _unit_rows(feats).contiguous()
+            unit = _unit_rows(feats).contiguous()
+            self.features = torch.cat([self.features, unit]) if len(self.paths) else unit
             self.paths.extend(paths)
             if id_arr is not None:
                 self.ids = id_arr if self.ids is None else np.concatenate([self.ids, id_arr])
