@@ -163,8 +163,15 @@ def reap_on_cli_start(argv: list[str] | None = None) -> list[str]:
         return []
 
 
-@dg.sensor(name="reap_dead_runs_sensor", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Marks runs whose worker process died (kill -9, OOM) failed and frees their gpu pool slots.")
+def _reap_interval() -> int:
+    from reid_pipeline.retrain import env_seconds  # noqa: PLC0415
+
+    return env_seconds("REID_REAP_INTERVAL_S", 30)
+
+
+@dg.sensor(name="reap_dead_runs_sensor", minimum_interval_seconds=_reap_interval(), default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Marks runs whose worker process died (kill -9, OOM) failed and frees their gpu pool slots "
+                       "(every REID_REAP_INTERVAL_S, default 30 s).")
 def reap_dead_runs_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     reaped = reap_dead_runs(context.instance, log=context.log.warning)
     return dg.SkipReason(f"reaped {len(reaped)} dead run(s): {', '.join(reaped)}" if reaped else "no dead runs")

@@ -124,6 +124,6 @@ def worker(rank: int, world: int, port: int, names: list[str], clip_path: str, o
 
 
 def run_spawned(world: int, names: list[str], clip_path, out_dir, sync_bn: bool = True) -> None:
-    import torch.multiprocessing as mp  # noqa: PLC0415
+    import torch.multiprocessing as mp
 
     mp.spawn(worker, args=(world, free_port(), names, str(clip_path), str(out_dir), sync_bn), nprocs=world, join=True)

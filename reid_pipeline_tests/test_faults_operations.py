@@ -10,6 +10,7 @@ Each case reproduces what a user saw and checks the fix:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -229,3 +230,104 @@ def test_two_steps_never_share_a_resumable_state(tmp_path):
     assert not state.exists()  # finished: the state is removed
     with resume_state(Ctx, reid, "same", "inputs"):  # and the lock died with its holder
         pass
+
+
+# Four training runs requested by a sensor (as automation launches them), through the daemon's queue.
+# Each `train` step holds the gpu slot ~HOLD s in ticks, recording progress so that a relaunch resumes.
+QUEUE_DEFS = textwrap.dedent(
+    """
+    import json, os, time
+    from pathlib import Path
+    import dagster as dg
+    from reid_pipeline.operations import patch_pool_wait, reap_dead_runs_sensor
+    from reid_pipeline.pools import GPU_POOL
+
+    patch_pool_wait()
+    OUT = Path(os.environ["QUEUE_OUT"])
+
+    class TrainConfig(dg.Config):
+        name: str
+
+    @dg.asset(pool=GPU_POOL)
+    def train(context: dg.AssetExecutionContext, config: TrainConfig) -> None:
+        progress = OUT / f"progress-{config.name}"
+        done = int(progress.read_text()) if progress.exists() else 0
+        start = time.time()
+        (OUT / f"pid-{config.name}").write_text(json.dumps([os.getpid(), os.getppid()]))
+        for tick in range(done, 8):
+            time.sleep(0.5)
+            progress.write_text(str(tick + 1))
+        context.add_output_metadata({"resumed_from": done})
+        with open(OUT / "intervals.jsonl", "a") as fh:
+            fh.write(json.dumps([config.name, start, time.time(), done]) + "\\n")
+
+    job = dg.define_asset_job("train_job", selection=[train])
+
+    @dg.sensor(job=job, minimum_interval_seconds=1, default_status=dg.DefaultSensorStatus.RUNNING)
+    def queue_sensor(context):
+        names = ["a", "b", "c", "d"] + (["b"] if (OUT / "relaunch").exists() else [])
+        return [dg.RunRequest(run_key=f"{n}-{i}", run_config={"ops": {"train": {"config": {"name": n}}}},
+                              tags={"queue/name": n}) for i, n in enumerate(names)]
+
+    defs = dg.Definitions(assets=[train], jobs=[job], sensors=[queue_sensor, reap_dead_runs_sensor])
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_queue_of_four_training_runs_survives_one_killed(tmp_path):
+    from reid_pipeline_tests.ui_server import descendants, free_port, wait_until
+
+    home = _fresh_home(tmp_path)
+    init_instance(home)
+    out = tmp_path / "out"
+    out.mkdir()
+    defs = tmp_path / "queue_defs.py"
+    defs.write_text(QUEUE_DEFS)
+    env = cli_env(home)
+    env.update(QUEUE_OUT=str(out), REID_REAP_INTERVAL_S="2", PYTHONWARNINGS="ignore", TMPDIR=str(tmp_path))
+    log = open(tmp_path / "dev.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
+    dev = subprocess.Popen([DAGSTER, "dev", "-f", str(defs), "-h", "127.0.0.1", "-p", str(free_port())], cwd=tmp_path,
+                           env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+
+    def runs():
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            return {r.run_id: r for r in instance.get_runs()}
+
+    try:
+        # b trains second; kill its whole run worker halfway (the step and the run process)
+        wait_until(lambda: (out / "progress-b").exists() and int((out / "progress-b").read_text() or 0) >= 3, 300,
+                   "run b halfway")
+        step_pid, worker_pid = json.loads((out / "pid-b").read_text())
+        for pid in (step_pid, worker_pid):
+            os.kill(pid, 9)
+        wait_until(lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs().values()) == 3, 300,
+                   "the three other runs to finish")
+        killed = [r for r in runs().values() if r.tags.get("queue/name") == "b"]
+        assert [r.status for r in killed] == [dg.DagsterRunStatus.FAILURE]  # reaped by the sensor, not left STARTED
+        (out / "relaunch").touch()
+        wait_until(lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs().values()) == 4, 300,
+                   "the relaunched run to finish")
+    finally:
+        survivors = descendants(dev.pid)
+        os.killpg(dev.pid, 15)
+        try:
+            dev.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, 9)
+            dev.wait(timeout=20)
+        for pid in survivors:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    intervals = sorted((json.loads(line) for line in (out / "intervals.jsonl").read_text().splitlines()), key=lambda x: x[1])
+    names = [name for name, *_ in intervals]
+    assert sorted(names) == ["a", "b", "c", "d"]
+    for (_, _, end, _), (_, start, _, _) in zip(intervals, intervals[1:]):
+        assert end <= start + 0.2, f"two training steps overlapped: {intervals}"  # the pool serialised them
+    resumed = {name: done for name, _, _, done in intervals}
+    assert resumed["b"] >= 3 and all(resumed[n] == 0 for n in "acd")  # b resumed from its progress
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots  # no slot leaked
