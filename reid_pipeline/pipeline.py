@@ -115,15 +115,25 @@ def image_cache(manifest: ManifestArtifact, rows: pd.DataFrame, cache_dir: str |
         if done == total or done % 2000 == 0:
             log(f"decoded {done}/{total} images")
 
+    def report(plan: dict) -> None:
+        log(f"image cache: {plan['images']} images, {plan['bytes'] / 2**20:.1f} MiB on disk under {cache_dir}"
+            + (f" ({plan['downscaled']} downscaled to {plan['max_side']} px)" if plan.get("downscaled") else ""))
+
     return ImageCache.from_paths(manifest.root, list(rows.path), mode="disk", cache_dir=Path(cache_dir),
-                                 key=manifest.fingerprint, progress=progress)
+                                 key=manifest.fingerprint, progress=progress, report=report)
 
 
 def manifest_step(root: str | os.PathLike, out_dir: Path, *, layout: str = "auto", check_images: bool = True,
-                  on_bad_image: str = "error") -> tuple[ManifestArtifact, pd.DataFrame, ManifestReport]:
-    """Build the manifest of ``root``, write ``manifest.parquet`` and return its descriptor."""
+                  on_bad_image: str = "error", external_links: str = "skip",
+                  ) -> tuple[ManifestArtifact, pd.DataFrame, ManifestReport]:
+    """Build the manifest of ``root``, write ``manifest.parquet`` and return its descriptor.
+
+    ``external_links``: entries whose symlinks resolve outside ``root`` are left out and reported
+    (``"skip"``) or followed (``"keep"``) — the same policy as the ``raw_dataset`` fingerprint.
+    """
     root = Path(root)
-    df, report = build_manifest_with_report(root, layout=layout, check_images=check_images, on_bad_image=on_bad_image)
+    df, report = build_manifest_with_report(root, layout=layout, check_images=check_images, on_bad_image=on_bad_image,
+                                            external_links=external_links)
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     path = atomic_write_bytes(out_dir / "manifest.parquet", buf.getvalue())

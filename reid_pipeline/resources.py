@@ -34,6 +34,11 @@ class ReidSettings(dg.ConfigurableResource):
         default=DEFAULT_CLIP_WEIGHTS,
         description="A CLIP model name (ViT-B/16, RN50, vitb16, rn50, …) or the path of a checkpoint file.",
     )
+    external_links: str = Field(
+        default="skip",
+        description="Symlinks in the data root that resolve outside it: skip (default; reported) or keep (followed). "
+                    "Applies to the raw_dataset fingerprint and to the manifest alike.",
+    )
     storage_dir: str = Field(
         default=DEFAULT_STORAGE_DIR,
         description="Base folder for manifests, checkpoints, features and metrics (local path).",

@@ -28,7 +28,8 @@ def dataset_manifest(context: dg.AssetExecutionContext, config: DatasetManifestC
                      reid: ReidSettings) -> dg.Output[ManifestArtifact]:
     root = reid.data_root_path()
     context.log.info(f"building the manifest of {root}")
-    artifact, df, report = manifest_step(root, output_dir(context, reid), **config.overrides())
+    artifact, df, report = manifest_step(root, output_dir(context, reid), external_links=reid.external_links,
+                                         **config.overrides())
     for warning in report.warnings:
         context.log.warning(warning)
     metadata = {
@@ -36,7 +37,8 @@ def dataset_manifest(context: dg.AssetExecutionContext, config: DatasetManifestC
         "manifest": dg.MetadataValue.path(artifact.manifest), "fingerprint": artifact.fingerprint,
         "num_images": len(df), "num_train_ids": artifact.num_classes, "per_split": table_metadata(summary_table(df)),
         "preview": table_metadata(df, 10), "skipped_unparseable_names": report.num_skipped,
-        "junk_dropped": report.num_junk, "bad_images_skipped": len(report.bad_images), "dagster/row_count": len(df),
+        "junk_dropped": report.num_junk, "external_links": reid.external_links,
+        "external_links_found": report.num_external_links, "symlink_loops_left_out": report.num_symlink_loops, "bad_images_skipped": len(report.bad_images), "dagster/row_count": len(df),
         "bad_image_paths": dg.MetadataValue.json([str(p) for p in report.bad_images[:100]]),
         "skipped_examples": dg.MetadataValue.json(list(report.skipped_examples)),
         "warnings": dg.MetadataValue.json(list(report.warnings)),

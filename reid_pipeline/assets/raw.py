@@ -35,7 +35,7 @@ _CLIP_WEIGHTS_VERSION = b"reid_pipeline.clip_weights_fingerprint.v1\n"
 
 def raw_dataset_fingerprint(reid: ReidSettings) -> str:
     """The cheap fingerprint of the dataset root (raises ``FileNotFoundError`` naming a missing root)."""
-    return directory_fingerprint(reid.data_root_path())
+    return directory_fingerprint(reid.data_root_path(), external_links=reid.external_links)
 
 
 def _stat_line(path: Path) -> str:
