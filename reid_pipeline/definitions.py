@@ -13,6 +13,7 @@ from reid_pipeline.assets.raw import clip_weights, raw_dataset
 from reid_pipeline.assets.stage1 import prompt_checkpoint
 from reid_pipeline.assets.stage2 import visual_encoder
 from reid_pipeline.automation import AUTOMATION_SCHEDULES, AUTOMATION_SENSORS
+from reid_pipeline.deploy import executor_from_env
 from reid_pipeline.resources import (
     DEFAULT_CLIP_WEIGHTS,
     DEFAULT_DATA_ROOT,
@@ -47,6 +48,7 @@ defs = dg.Definitions(
     jobs=[reid_job],
     sensors=AUTOMATION_SENSORS,
     schedules=AUTOMATION_SCHEDULES,
+    executor=executor_from_env(),  # REID_EXECUTOR: default (multiprocess) or k8s (reid_pipeline/deploy.py)
     resources={
         "reid": settings,
         "device": TrainingDevice(),

@@ -9,8 +9,8 @@ one pin moves ahead of the integrations (it then picks an ancient dagster-k8s th
 from __future__ import annotations
 
 import importlib
-import importlib.metadata as metadata
 import sys
+from importlib import metadata
 
 import pytest
 from packaging.requirements import Requirement
