@@ -75,7 +75,9 @@ def test_postgres_instance_keeps_the_embedded_queue_and_pools():
     postgres, embedded = (yaml.safe_load(p.read_text()) for p in (POSTGRES_INSTANCE, EMBEDDED_INSTANCE))
     for section in ("run_coordinator", "concurrency"):
         assert postgres[section] == embedded[section], section
-    assert set(postgres["storage"]["postgres"]["postgres_db"]) == {"hostname", "port", "username", "password", "db_name", "scheme"}
+    connection = postgres["storage"]["postgres"]["postgres_db"]
+    assert set(connection) == {"hostname", "port", "username", "password", "db_name", "scheme"}
+    assert connection["scheme"] == "postgresql+psycopg2"  # the driver dagster-postgres installs
     assert "storage" not in embedded  # SQLite stays the embedded default
 
 
