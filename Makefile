@@ -13,14 +13,19 @@ export PYTHONWARNINGS := ignore::UserWarning:clip.clip
 UI_PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: setup embedded demo test ui bench clean-artifacts postgres
+.PHONY: setup embedded demo test lint ui bench clean-artifacts postgres
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-setup: $(VENV)/.installed
+# The instance in dagster_home/: its storage and pool limits created once (concurrent first runs are safe).
+$(DAGSTER_HOME)/.initialised: $(VENV)/.installed dagster_home/dagster.yaml
+	$(PY) -m reid_pipeline.operations init --home $(DAGSTER_HOME)
+	touch $@
+
+setup: $(VENV)/.installed $(DAGSTER_HOME)/.initialised
 
 # The embedded default: a synthetic Market-1501-style dataset and a small CLIP in OpenAI's format.
 embedded: setup
@@ -47,7 +52,10 @@ postgres:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -o Dpkg::Options::=--force-confold postgresql; \
 	fi
 
-test: embedded $(CHROMIUM) postgres
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: embedded $(CHROMIUM) postgres lint
 	$(DG) check defs
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
@@ -59,4 +67,4 @@ bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-artifacts:
-	rm -rf artifacts dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs
+	rm -rf artifacts dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs dagster_home/.initialised

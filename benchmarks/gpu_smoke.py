@@ -19,7 +19,7 @@ from reid_pipeline.data import build_manifest
 from reid_pipeline.data.cache import ImageCache
 from reid_pipeline.data.transforms import TestTransform, normalization_for
 from reid_pipeline.device import resolve_device
-from reid_pipeline.embedded import build_embedded
+from reid_pipeline.embedded.build import build_embedded
 from reid_pipeline.evaluation import evaluate_rank, pairwise_distance, re_ranking
 from reid_pipeline.model.clip_loader import load_clip
 from reid_pipeline.model.prompt import TextEncoder, encode_all_classes

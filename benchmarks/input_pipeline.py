@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reid_pipeline.data.cache import ImageCache  # noqa: E402
 from reid_pipeline.data.sampler import PKSampler  # noqa: E402
-from reid_pipeline.data.transforms import ReferenceTrainTransform, TrainTransform  # noqa: E402
+from reid_pipeline.data.transforms import TrainTransform  # noqa: E402
+from reid_pipeline_tests.reference_transforms import ReferenceTrainTransform  # noqa: E402
 
 
 def write_images(root: Path, n: int, ids: int, seed: int = 0) -> tuple[list[str], np.ndarray]:

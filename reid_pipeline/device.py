@@ -1,15 +1,15 @@
 """Training device and precision, resolved without Dagster.
 
-``"auto"`` picks CUDA when it is available, else the CPU. Precision ``"auto"`` means bf16 autocast
-on a GPU that supports it (fp16 with a grad scaler otherwise) and plain fp32 on the CPU.
+``"auto"`` picks CUDA when it is available, else the CPU. Precision ``"auto"`` trains as CLIP-ReID does:
+fp16 autocast with a grad scaler on a GPU, plain fp32 on the CPU; ``"bf16"`` is an explicit option
+(no scaler). Test features are extracted in fp32 whatever the training precision (CLIP-ReID's
+``do_inference`` runs without autocast): :meth:`DeviceSpec.for_inference`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
 __all__ = ["DeviceSpec", "resolve_device"]
@@ -42,6 +42,12 @@ class DeviceSpec:
         """A grad scaler, enabled only for fp16 (bf16 and fp32 need none)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
 
+    def for_inference(self, precision: str = "fp32") -> "DeviceSpec":
+        """The same device with the precision used for test features (fp32 by default, as CLIP-ReID)."""
+        if precision == "train":
+            return self
+        return resolve_device(str(self.device), precision)
+
     def describe(self) -> str:
         if self.is_cuda:
             idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -67,16 +73,5 @@ def resolve_device(device: str = "auto", precision: str = "auto") -> DeviceSpec:
             raise ValueError(f"precision {precision!r} needs a GPU; the CPU trains in fp32")
         return DeviceSpec(dev, None)
     if precision == "auto":
-        return DeviceSpec(dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return DeviceSpec(dev, torch.float16)  # the paper's mixed precision (with a grad scaler)
     return DeviceSpec(dev, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Temporarily seed torch's global CPU RNG, restoring the previous state afterwards."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)

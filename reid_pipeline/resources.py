@@ -4,7 +4,6 @@ Thin wrappers over the library: every method here returns plain Python / torch o
 """
 
 
-import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from reid_pipeline.device import DeviceSpec, resolve_device
-from reid_pipeline.storage import read_json, write_json
+from reid_pipeline.artifacts import Artifact, load_descriptor
 
 __all__ = ["ReidSettings", "TrainingDevice", "ArtifactIOManager", "DEFAULT_DATA_ROOT", "DEFAULT_CLIP_WEIGHTS"]
 
@@ -40,14 +39,26 @@ class ReidSettings(dg.ConfigurableResource):
         description="Base folder for manifests, checkpoints, features and metrics (local path).",
     )
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Every step that uses this resource tags its run with the host, so that a run whose process
+        tree dies can be recognised and reaped (:mod:`reid_pipeline.operations`)."""
+        from reid_pipeline.operations import record_run_worker  # noqa: PLC0415  (operations imports resources' siblings)
+
+        if context.instance is not None and context.run_id:
+            record_run_worker(context.instance, context.run_id)
+
     def data_root_path(self) -> Path:
         return Path(self.data_root).expanduser().resolve()
 
     def clip_weights_spec(self) -> str:
-        """A model name as given, or a path made absolute."""
-        p = Path(self.clip_weights).expanduser()
-        looks_like_path = p.suffix or os.sep in self.clip_weights or p.exists()
-        return str(p.resolve()) if looks_like_path else self.clip_weights
+        """The canonical model name (``ViT-B/16``, also from ``vitb16``) or the absolute path of the file.
+
+        A known model name is a name although it contains ``/``; a path is what starts with ``./``,
+        ``/``, ``~``, ends like a checkpoint or exists; anything else is an unknown name (a clear error).
+        """
+        from reid_pipeline.model.clip_loader import resolve_clip_source  # noqa: PLC0415  (pulls in torch)
+
+        return resolve_clip_source(self.clip_weights, must_exist=False)
 
     def storage_path(self) -> Path:
         return Path(self.storage_dir).expanduser().resolve()
@@ -64,6 +75,10 @@ class ReidSettings(dg.ConfigurableResource):
         path = self.storage_path() / safe / f"{stamp}_{run_id[:8]}"
         path.mkdir(parents=True, exist_ok=False)
         return path
+
+    def image_cache_dir(self) -> Path:
+        """Where the decode-once image caches live (shared by the assets of this storage folder)."""
+        return self.storage_path() / "_image_cache"
 
     def work_dir(self, asset_name: str, key: str) -> Path:
         """A stable folder for resumable training state, keyed by what the run trains from."""
@@ -93,29 +108,28 @@ class TrainingDevice(dg.ConfigurableResource):
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
-    """Stores each asset's output — a small JSON *descriptor* of the files it wrote — as JSON.
+    """Passes each asset's typed descriptor (:mod:`reid_pipeline.artifacts`) to the assets below it.
 
     Assets write their tensors themselves (safetensors + JSON sidecars, atomically, in a fresh
-    timestamped folder) and return a dict that says where they are and what they were made from,
-    with the folder under ``artifact_dir``. The descriptor is written into that folder and its path
-    recorded in the materialisation's metadata; downstream assets load the descriptor of the
-    latest *successful* materialisation from the event log. Nothing is pickled, and nothing of an
-    earlier materialisation is touched.
+    timestamped folder) and return the descriptor of that folder; it is saved there as
+    ``descriptor.json`` and its path recorded in the materialisation's metadata. Downstream assets
+    get the descriptor of the latest *successful* materialisation, validated against its model.
+    Nothing is pickled, and nothing of an earlier materialisation is touched.
     """
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
         name = context.asset_key.to_user_string()
-        if not isinstance(obj, dict) or "artifact_dir" not in obj:
+        if not isinstance(obj, Artifact):
             raise TypeError(
-                f"asset {name} returned {type(obj).__name__}; this IO manager stores JSON descriptors: "
-                "a dict with an 'artifact_dir' entry"
+                f"asset {name} returned {type(obj).__name__}; this IO manager stores typed descriptors "
+                "(reid_pipeline.artifacts.Artifact)"
             )
-        path = write_json(Path(obj["artifact_dir"]) / "descriptor.json", obj)
+        path = obj.save()
         context.add_output_metadata({"descriptor": dg.MetadataValue.path(str(path))})
 
-    def load_input(self, context: dg.InputContext) -> dict:
+    def load_input(self, context: dg.InputContext) -> Artifact:
         key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
         event = context.instance.get_latest_materialization_event(key)
         name = key.to_user_string()
@@ -127,4 +141,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         path = Path(entry.value)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: descriptor of the latest {name} materialisation is gone — rematerialise {name}")
-        return read_json(path)
+        artifact = load_descriptor(path)
+        if artifact.kind != key.path[-1]:
+            raise TypeError(f"{path}: descriptor of a {artifact.kind} artefact recorded for asset {name}")
+        return artifact

@@ -10,11 +10,12 @@ This module does not import dagster: checkpoints are loadable from a notebook.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +27,12 @@ from safetensors.torch import save as st_save_bytes
 
 __all__ = [
     "CheckpointError",
+    "StorageFullError",
+    "free_bytes",
+    "check_free_space",
+    "no_space_error",
+    "create_temp_file",
+    "remove_quietly",
     "atomic_write_bytes",
     "atomic_write_text",
     "write_json",
@@ -44,20 +51,125 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or does not match what the caller expects."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+class StorageFullError(OSError):
+    """The file system holding ``filename`` has no room (``ENOSPC``/``EDQUOT``) for a write.
+
+    A subclass of :class:`OSError` with that ``errno``; its message names the path, the bytes
+    needed (when known) and the bytes free.
+    """
+
+
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: Below this size a write does not look at the free space first (a statvfs per small file).
+_CHECK_SPACE_FROM = 1 << 20
+
+
+def _existing_folder(path: Path) -> Path:
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder if folder.is_dir() else folder.parent
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system of ``path`` (or of its nearest
+    existing parent); ``None`` when the file system does not say (``statvfs`` reports no blocks)."""
+    try:
+        st = os.statvfs(_existing_folder(Path(path)))
+    except OSError:
+        return None
+    if st.f_blocks == 0:
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def no_space_error(path: str | os.PathLike, needed: int | None = None,
+                   code: int = errno.ENOSPC, what: str = "writing") -> StorageFullError:
+    """A :class:`StorageFullError` for ``path`` saying how much was needed and how much is free."""
+    free = free_bytes(path)
+    parts = []
+    if needed is not None:
+        parts.append(f"needs {_fmt_bytes(int(needed))}")
+    if free is not None:
+        parts.append(f"{_fmt_bytes(free)} free")
+    detail = f" ({', '.join(parts)})" if parts else ""
+    return StorageFullError(code, f"{path}: no space left on the device while {what}{detail}; free some space or "
+                            "point the storage at a larger volume", os.fspath(path))
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str = "writing") -> None:
+    """Raise :class:`StorageFullError` naming ``path`` when fewer than ``needed`` bytes are free."""
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise no_space_error(path, needed, what=what)
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    """Delete ``path`` if it exists; errors are ignored (used on failure paths)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def create_temp_file(path: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create a hidden, empty temporary file beside ``path``; return ``(fd, temp path)``.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600) the file gets ``0666`` minus the umask, so what
+    is moved into place from it follows the umask like any other file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno in _NO_SPACE_ERRNOS:
+                raise no_space_error(path, code=exc.errno, what="creating a temporary file") from exc
+            raise
+    raise FileExistsError(f"{path}: could not create a unique temporary file beside it")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    The file follows the umask. On any failure the temporary file is removed and ``path`` is left
+    as it was; a full disk raises :class:`StorageFullError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE_ERRNOS:
+            raise no_space_error(path.parent, code=exc.errno, what="creating the folder") from exc
+        raise
+    if len(data) >= _CHECK_SPACE_FROM:
+        check_free_space(path, len(data))
+    fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        remove_quietly(tmp)
+        if exc.errno in _NO_SPACE_ERRNOS:
+            raise no_space_error(path, len(data), code=exc.errno) from exc
+        raise
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_quietly(tmp)
         raise
     return path
 

@@ -18,14 +18,14 @@ def project_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory) -> Path:
     """The small ViT CLIP saved as a TorchScript archive (what ``clip.load`` reads)."""
-    from reid_pipeline.model.clip_loader import ensure_tiny_clip
+    from reid_pipeline.embedded.tiny_clip import ensure_tiny_clip
 
     return ensure_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip_vit.pt", arch="vit", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_rn_clip_path(tmp_path_factory) -> Path:
-    from reid_pipeline.model.clip_loader import ensure_tiny_clip
+    from reid_pipeline.embedded.tiny_clip import ensure_tiny_clip
 
     return ensure_tiny_clip(tmp_path_factory.mktemp("clip_rn") / "tiny_clip_rn.pt", arch="resnet", seed=0)
 
@@ -45,7 +45,7 @@ def torch_one_thread():
 @pytest.fixture(scope="module")
 def clip_model():
     """A fresh small ViT CLIP (not loaded from disk) per test module."""
-    from reid_pipeline.model.clip_loader import build_tiny_clip
+    from reid_pipeline.embedded.tiny_clip import build_tiny_clip
 
     return build_tiny_clip("vit", seed=0)
 
@@ -57,6 +57,9 @@ def dagster_home(tmp_path, monkeypatch) -> Path:
     home.mkdir()
     (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
     monkeypatch.setenv("DAGSTER_HOME", str(home))
+    from reid_pipeline.operations import init_instance  # noqa: PLC0415
+
+    init_instance(home)  # as `make setup` does for dagster_home/: schema and pool limits, once
     return home
 
 

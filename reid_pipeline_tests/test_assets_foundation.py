@@ -11,7 +11,7 @@ import pytest
 
 from reid_pipeline.assets.backbone import frozen_clip
 from reid_pipeline.assets.data import dataset_manifest
-from reid_pipeline.data import generate_synthetic_dataset
+from reid_pipeline.embedded.synthetic import generate_synthetic_dataset
 from reid_pipeline.definitions import defs
 from reid_pipeline.resources import ArtifactIOManager, ReidSettings, TrainingDevice
 

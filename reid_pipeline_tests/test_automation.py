@@ -16,19 +16,13 @@ import pytest
 import yaml
 
 from reid_pipeline.assets.data import dataset_manifest
-from reid_pipeline.assets.raw import clip_weights, raw_dataset, with_source_deps
-from reid_pipeline.automation import (
-    GPU_OP_TAGS,
-    GPU_POOL,
-    PIPELINE_JOB,
-    automation_default_status,
-    changed_source_observations,
-    load_run_preset,
-    nightly_retrain_schedule,
-    retrain_sensor,
-    stale_asset_keys,
-)
-from reid_pipeline.data import generate_synthetic_dataset
+from reid_pipeline.assets.raw import clip_weights, raw_dataset
+from reid_pipeline.jobs import reid_job
+from reid_pipeline.pools import GPU_OP_TAGS, GPU_POOL
+from reid_pipeline.retrain import automation_default_status, changed_source_observations, load_run_preset, stale_asset_keys
+from reid_pipeline.schedules import nightly_retrain_schedule
+from reid_pipeline.sensors import retrain_sensor
+from reid_pipeline.embedded.synthetic import generate_synthetic_dataset
 from reid_pipeline.resources import ArtifactIOManager, ReidSettings, TrainingDevice
 from reid_pipeline.storage import file_sha256
 from reid_pipeline_tests.conftest import PROJECT_ROOT
@@ -48,7 +42,7 @@ class StubConfig(dg.Config):
 
 
 def _stand_ins(prompt_code_version: str = "1") -> list[dg.AssetsDefinition]:
-    @dg.asset(name="frozen_clip", group_name="backbone", code_version="1")
+    @dg.asset(name="frozen_clip", deps=[clip_weights], group_name="backbone", code_version="1")
     def frozen_clip_stub(reid: ReidSettings) -> dg.Output[None]:
         # Like the real asset: the data version is the weights' content hash, not their mtime.
         return dg.Output(None, data_version=dg.DataVersion(file_sha256(reid.clip_weights_spec())))
@@ -78,12 +72,12 @@ class Pipeline:
 
     def __init__(self, data_root: Path, weights: Path, storage: Path, prompt_code_version: str = "1"):
         self.reid = ReidSettings(data_root=str(data_root), clip_weights=str(weights), storage_dir=str(storage))
-        self.assets = with_source_deps([dataset_manifest, *_stand_ins(prompt_code_version)])
+        self.assets = [dataset_manifest, *_stand_ins(prompt_code_version)]
         self.resources = {"reid": self.reid, "device": TrainingDevice(device="cpu"), "io_manager": ArtifactIOManager()}
-        job = dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all() | dg.AssetSelection.assets(raw_dataset, clip_weights))
+        # The project's own job (the sensor and the schedule are built from it), resolved against these assets.
         self.defs = dg.Definitions(
             assets=[raw_dataset, clip_weights, *self.assets],
-            jobs=[job],
+            jobs=[reid_job],
             sensors=[retrain_sensor],
             schedules=[nightly_retrain_schedule],
             resources=self.resources,
@@ -217,7 +211,7 @@ def test_automatic_runs_use_the_run_config_preset(pipeline, tmp_path, monkeypatc
 def test_change_waits_while_a_run_touching_the_chain_is_in_progress(pipeline):
     instance = _bootstrapped(pipeline)
     busy = dg.DagsterRun(
-        job_name=PIPELINE_JOB,
+        job_name=reid_job.name,
         run_id="busy-run",
         status=dg.DagsterRunStatus.STARTED,
         asset_selection=frozenset({dg.AssetKey("visual_encoder")}),
@@ -367,8 +361,8 @@ def test_project_definitions_wire_sources_automation_and_metadata():
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     schedule = repo.get_schedule_def("nightly_retrain_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
-    assert sensor.job_name == schedule.job_name == PIPELINE_JOB
-    job_keys = set(repo.get_job(PIPELINE_JOB).asset_layer.executable_asset_keys)
+    assert sensor.job_name == schedule.job_name == reid_job.name
+    job_keys = set(repo.get_job(reid_job.name).asset_layer.executable_asset_keys)
     assert {raw_dataset.key, clip_weights.key} | graph.materializable_asset_keys <= job_keys
 
 
@@ -378,12 +372,15 @@ def test_training_assets_use_the_gpu_pool_and_tags():
     graph = defs.get_repository_def().asset_graph
     assert GPU_OP_TAGS["dagster-k8s/config"]["container_config"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     json.dumps(GPU_OP_TAGS)  # serialisable, as Dagster stores op tags
-    for key in graph.materializable_asset_keys:
-        if graph.get(key).group_name != "training":
-            continue
-        op = graph.assets_def_for_key(key).op
-        assert op.pool == GPU_POOL, key
-        assert json.loads(op.tags["dagster-k8s/config"]) == GPU_OP_TAGS["dagster-k8s/config"], key
+    training = {key.to_user_string() for key in graph.materializable_asset_keys if graph.get(key).group_name == "training"}
+    assert training == {"prompt_checkpoint", "visual_encoder"}  # not vacuous if the group is renamed
+    pooled = {key.to_user_string() for key in graph.materializable_asset_keys
+              if graph.assets_def_for_key(key).op.pool == GPU_POOL}
+    assert pooled == training  # and nothing else waits for the GPU
+    for name in training:
+        op = graph.assets_def_for_key(dg.AssetKey(name)).op
+        assert op.pool == GPU_POOL, name
+        assert json.loads(op.tags["dagster-k8s/config"]) == GPU_OP_TAGS["dagster-k8s/config"], name
 
 
 def test_automation_default_status_follows_env(monkeypatch):

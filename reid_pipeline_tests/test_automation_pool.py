@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from reid_pipeline.automation import GPU_OP_TAGS, GPU_POOL
+from reid_pipeline.pools import GPU_OP_TAGS, GPU_POOL
 from reid_pipeline_tests.conftest import PROJECT_ROOT
 
 # A stand-in training step: holds the pool's slot for 3 s and logs when it held it. Both processes

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reid_pipeline.artifacts import load_descriptor
 from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -57,6 +58,11 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
     # Every asset wrote its descriptor into its own timestamped folder.
     descriptors = {p.parent.parent.name for p in (tmp_path / "artifacts").glob("*/*/descriptor.json")}
     assert descriptors == set(ALL_ASSETS)
+    for path in (tmp_path / "artifacts").glob("*/*/descriptor.json"):  # typed, and of the asset that wrote it
+        assert load_descriptor(path).kind == path.parent.parent.name
+    # each asset writes only into its own folder, and no resumable training state is left behind
+    assert not list((tmp_path / "artifacts").glob("reid_features/*/metrics.json"))
+    assert not [p for p in (tmp_path / "artifacts").rglob("_resume/*") if p.exists()]
     # The materialisations persist in DAGSTER_HOME, where the UI and later CLI runs see them.
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         for key in ALL_ASSETS:
@@ -74,6 +80,22 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
         stage1 = instance.get_latest_materialization_event(dg.AssetKey("prompt_checkpoint")).asset_materialization.metadata
         assert stage1["avg_positives_per_sample"].value > 1.0
         assert Path(stage1["tokens"].value).is_file()
+        assert 0.0 <= stage1["image_to_prompt_accuracy"].value <= 1.0
+        stage2 = instance.get_latest_materialization_event(dg.AssetKey("visual_encoder")).asset_materialization.metadata
+        same_keys = {"final_loss", "first_loss", "epochs", "resumed_from_epoch", "wall_time_s", "samples_per_s",
+                     "precision", "device"}
+        assert same_keys <= set(stage1) and same_keys <= set(stage2)
+        # the precision is recorded in every checkpoint's JSON and in the metrics metadata
+        assert stage1["precision"].value == stage2["precision"].value == "fp32"  # the CI preset trains on the CPU
+        assert json.loads(Path(stage2["weights"].value).with_suffix(".json").read_text())["precision"] == "fp32"
+        assert json.loads(Path(stage1["tokens"].value).with_suffix(".json").read_text())["precision"] == "fp32"
+        assert meta["feature_precision"].value == "fp32"
+        # the event log stays light: thumbnails inline, the full pictures as paths
+        assert len(meta["rank_list"].value) < 200_000 and Path(meta["rank_list_path"].value).is_file()
+        for key in ("prompt_checkpoint", "visual_encoder"):
+            check_key = dg.AssetCheckKey(dg.AssetKey(key), "loss_decreased")
+            record = instance.event_log_storage.get_latest_asset_check_execution_by_key([check_key])[check_key]
+            assert record.status.value == "SUCCEEDED", key
 
     # A blocking minimum-mAP check fails the run (non-zero exit); the earlier results stay on disk.
     proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "evaluation_metrics", "-c",

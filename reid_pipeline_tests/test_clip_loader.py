@@ -7,10 +7,10 @@ import zipfile
 import pytest
 import torch
 
+from reid_pipeline.embedded.tiny_clip import build_tiny_clip
 from reid_pipeline.model.clip_loader import (
     ClipWeightsError,
     adapt_visual,
-    build_tiny_clip,
     import_clip,
     load_clip,
     resolve_model_name,

@@ -186,7 +186,8 @@ def test_fingerprints_stable_and_content_sensitive(small_root: Path) -> None:
     df = build_manifest(small_root)
     fp = manifest_fingerprint(df, small_root)
     dfp = directory_fingerprint(small_root)
-    assert len(fp) == 64 and int(fp, 16) >= 0
+    assert len(fp) == 64 and set(fp) <= set("0123456789abcdef") and fp != dfp
+    assert manifest_fingerprint(df.iloc[1:], small_root) != fp  # one row fewer: another fingerprint
     assert manifest_fingerprint(build_manifest(small_root), small_root) == fp
     assert manifest_fingerprint(df, small_root, workers=4) == fp
     assert directory_fingerprint(small_root) == dfp

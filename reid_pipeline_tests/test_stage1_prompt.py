@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reid_pipeline.model.clip_loader import build_tiny_clip, import_clip
+from reid_pipeline.embedded.tiny_clip import build_tiny_clip
+from reid_pipeline.model.clip_loader import import_clip
 from reid_pipeline.model.prompt import (
     PromptError,
     PromptLearner,

@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from reid_pipeline.device import resolve_device
-from reid_pipeline.model.clip_loader import build_tiny_clip
+from reid_pipeline.embedded.tiny_clip import build_tiny_clip
 from reid_pipeline.model.prompt import PromptLearner, TextEncoder, encode_labels
 from reid_pipeline.training.schedulers import warmup_cosine_lr
+from reid_pipeline.data.cache import ImageCache
+from reid_pipeline.data.transforms import TestTransform, normalization_for
+from reid_pipeline.storage import CheckpointError
+from reid_pipeline.training.extract import extract_features
+from reid_pipeline.training.loop import COMMON_FIELDS
 from reid_pipeline.training.stage1 import (
     NonFiniteLossError,
     Stage1Config,
     Stage1Error,
-    compute_image_features,
     train_prompts,
 )
 from reid_pipeline.training.supcon import average_positives, stage1_loss, supcon_loss
@@ -91,17 +95,20 @@ def test_loss_falls_and_clip_stays_bit_identical():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     feats, labels = learnable_data()
     logs = []
-    result = train_prompts(model, feats, labels, 12, small_config(epochs=8), CPU, log=logs.append)
+    lines: list[str] = []
+    result = train_prompts(model, feats, labels, 12, small_config(epochs=8), CPU, on_epoch_end=logs.append,
+                           log=lines.append)
     assert len(result.loss_per_epoch) == 8 and result.final_loss == result.loss_per_epoch[-1]
     assert result.loss_per_epoch[-1] < 0.5 * result.loss_per_epoch[0]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # the caller's flags are restored
     assert [e["epoch"] for e in logs] == list(range(1, 9))
-    assert {"epoch", "epochs", "loss", "lr", "samples_per_s", "eta_s", "avg_positives", "steps"} <= set(logs[0])
+    assert {*COMMON_FIELDS, "avg_positives"} <= set(logs[0]) and result.history == logs
+    assert len(lines) == 8 and lines[-1].startswith("stage 1 epoch 8/8: loss") and "avg_positives" in lines[-1]
     assert [e["lr"] for e in logs] == [warmup_cosine_lr(i, 5e-3, 8, 1, 1e-5, 1e-6) for i in range(1, 9)]
     assert logs[-1]["eta_s"] == 0 and logs[0]["steps"] == math.ceil(120 / 16)
-    assert 1.0 <= result.avg_positives <= 16 and result.samples_per_s > 0 and result.wall_time > 0
+    assert 1.0 <= result.avg_positives <= 16 and result.samples_per_s > 0 and result.wall_time_s > 0
     # the learned prompts now pick their own class's images
     encoder = TextEncoder(model)
     with torch.no_grad():
@@ -113,11 +120,11 @@ def test_loss_falls_and_clip_stays_bit_identical():
 def test_never_an_empty_last_batch(clip_model):
     feats, labels = learnable_data(num_classes=4, per_class=8)  # 32 images, batch 16: exactly 2 steps
     steps = []
-    result = train_prompts(clip_model, feats, labels, 4, small_config(epochs=2), CPU, log=lambda e: steps.append(e["steps"]))
+    result = train_prompts(clip_model, feats, labels, 4, small_config(epochs=2), CPU, on_epoch_end=lambda e: steps.append(e["steps"]))
     assert steps == [2, 2] and all(math.isfinite(x) for x in result.loss_per_epoch)
     steps.clear()
     feats, labels = learnable_data(num_classes=3, per_class=11)  # 33 images
-    train_prompts(clip_model, feats, labels, 3, small_config(epochs=1), CPU, log=lambda e: steps.append(e["steps"]))
+    train_prompts(clip_model, feats, labels, 3, small_config(epochs=1), CPU, on_epoch_end=lambda e: steps.append(e["steps"]))
     assert steps == [3]  # 16 + 16 + 1
 
 
@@ -147,6 +154,7 @@ class Killed(Exception):
 
 
 def kill_at(epoch: int):
+    """An on_epoch_end callback that dies at ``epoch`` (after its checkpoint), like a killed process."""
     def log(entry):
         if entry["epoch"] == epoch:
             raise Killed(epoch)
@@ -162,7 +170,7 @@ def test_resume_equals_uninterrupted(clip_model, tmp_path, every, kill):
 
     state = tmp_path / "stage1_state.safetensors"
     with pytest.raises(Killed):
-        train_prompts(clip_model, feats, labels, 8, config, CPU, state_path=state, log=kill_at(kill))
+        train_prompts(clip_model, feats, labels, 8, config, CPU, state_path=state, on_epoch_end=kill_at(kill))
     assert state.is_file()
     resumed = train_prompts(clip_model, feats, labels, 8, config, CPU, state_path=state)
     assert resumed.resumed_from_epoch == (kill // every) * every
@@ -178,9 +186,9 @@ def test_resume_refuses_a_foreign_state(clip_model, tmp_path):
     feats, labels = learnable_data(num_classes=4, per_class=4)
     state = tmp_path / "state.safetensors"
     train_prompts(clip_model, feats, labels, 4, small_config(epochs=1), CPU, state_path=state)
-    with pytest.raises(Stage1Error, match="different stage-1 config.*lr: saved 0.005 vs now 0.001"):
+    with pytest.raises(CheckpointError, match="different stage 1 run.*config.lr: saved 0.005 vs now 0.001"):
         train_prompts(clip_model, feats, labels, 4, small_config(epochs=1, lr=1e-3), CPU, state_path=state)
-    with pytest.raises(Stage1Error, match="different image features or labels"):
+    with pytest.raises(CheckpointError, match="different stage 1 run.*data: saved"):
         train_prompts(clip_model, feats + 1, labels, 4, small_config(epochs=1), CPU, state_path=state)
     # checkpoint frequency may change between a run and its resume
     train_prompts(clip_model, feats, labels, 4, small_config(epochs=1, checkpoint_every=3), CPU, state_path=state)
@@ -230,25 +238,6 @@ def test_config_presets_and_validation():
         Stage1Config(batch_size=0)
 
 
-def test_compute_image_features(clip_model):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(5, 3, 224, 224, generator=g)
-    batches = [(images[:3], torch.tensor([0, 1, 2])), (images[3:], torch.tensor([3, 4]))]
-    feats = compute_image_features(clip_model.encode_image, batches, CPU)
-    with torch.no_grad():
-        direct = clip_model.encode_image(images)
-    assert feats.shape == (5, 128) and feats.dtype == torch.float32 and feats.device.type == "cpu"
-    assert not feats.requires_grad
-    assert torch.allclose(feats, direct, rtol=1e-5, atol=1e-5)
-    assert torch.equal(compute_image_features(clip_model.encode_image, [images[:3], images[3:]]), feats)
-    with pytest.raises(Stage1Error, match="no image batches"):
-        compute_image_features(clip_model.encode_image, [], CPU)
-    with pytest.raises(Stage1Error, match=r"image batch 0: expected a \(B, 3, H, W\)"):
-        compute_image_features(clip_model.encode_image, [torch.zeros(3, 224, 224)], CPU)
-    with pytest.raises(Stage1Error, match=r"encoder returned"):
-        compute_image_features(lambda x: x.mean(), [images[:2]], CPU)
-
-
 def test_result_tokens_load_into_a_fresh_learner(clip_model):
     feats, labels = learnable_data(num_classes=4, per_class=4)
     result = train_prompts(clip_model, feats, labels, 4, small_config(epochs=1), CPU)
@@ -288,7 +277,7 @@ def test_cuda_autocast_trains_and_resumes(tmp_path, precision):
     assert result.loss_per_epoch[-1] < 0.5 * result.loss_per_epoch[0]
     state = tmp_path / "state.safetensors"
     with pytest.raises(Killed):
-        train_prompts(model, feats, labels, 12, small_config(epochs=4), spec, state_path=state, log=kill_at(2))
+        train_prompts(model, feats, labels, 12, small_config(epochs=4), spec, state_path=state, on_epoch_end=kill_at(2))
     resumed = train_prompts(model, feats, labels, 12, small_config(epochs=4), spec, state_path=state)
     straight = train_prompts(model, feats, labels, 12, small_config(epochs=4), spec)
     assert resumed.resumed_from_epoch == 2
@@ -299,7 +288,10 @@ def test_cuda_autocast_trains_and_resumes(tmp_path, precision):
 def test_cuda_image_features_and_exact_encoder():
     model = build_tiny_clip("vit", seed=0).cuda()
     images = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    feats = compute_image_features(model.encode_image, [images[:4], images[4:]], resolve_device("cuda", "bf16"))
+    cache = ImageCache.from_tensors([(img * 40 + 128).clamp(0, 255).to(torch.uint8) for img in images])
+    transform = TestTransform((224, 224), *normalization_for("vit"))
+    feats = extract_features(model.encode_image, cache, None, transform, resolve_device("cuda", "bf16"), batch_size=4)
+    images = transform(cache.batch(list(range(6))))
     with torch.no_grad():
         direct = model.encode_image(images.cuda()).cpu()
     assert feats.device.type == "cpu" and feats.dtype == torch.float32
@@ -314,3 +306,18 @@ def test_cuda_image_features_and_exact_encoder():
         x = model.transformer((full(labels) + model.positional_embedding).permute(1, 0, 2)).permute(1, 0, 2)
         b = model.ln_final(x)[:, full.eot_index] @ model.text_projection
     assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_torn_checkpoint_is_detected_not_resumed(clip_model, tmp_path):
+    """The same mechanism as stage 2 (the shared loop): tensors of epoch 1 with the sidecar of epoch 2."""
+    feats, labels = learnable_data(num_classes=4, per_class=4)
+    config = small_config(epochs=3)
+    state = tmp_path / "state.safetensors"
+    with pytest.raises(Killed):
+        train_prompts(clip_model, feats, labels, 4, config, CPU, state_path=state, on_epoch_end=kill_at(1))
+    epoch1_tensors = state.read_bytes()
+    with pytest.raises(Killed):
+        train_prompts(clip_model, feats, labels, 4, config, CPU, state_path=state, on_epoch_end=kill_at(2))
+    state.write_bytes(epoch1_tensors)
+    with pytest.raises(CheckpointError, match=r"torn checkpoint \(tensors from epoch 1, sidecar state.json from epoch 2"):
+        train_prompts(clip_model, feats, labels, 4, config, CPU, state_path=state)

@@ -11,14 +11,13 @@ import torch
 from PIL import Image
 
 import reid_pipeline.data.cache as cache_mod
+from reid_pipeline_tests.reference_transforms import ReferenceTestTransform, ReferenceTrainTransform
 from reid_pipeline.data.cache import ImageCache, ImageDecodeError, MixedSizeError
 from reid_pipeline.data.sampler import PKSampler
 from reid_pipeline.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentParams,
-    ReferenceTestTransform,
-    ReferenceTrainTransform,
     TestTransform,
     TrainTransform,
     _resize_float_pil_like,

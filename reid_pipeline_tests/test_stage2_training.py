@@ -10,10 +10,13 @@ import torch
 from reid_pipeline.data.cache import ImageCache
 from reid_pipeline.data.transforms import TestTransform
 from reid_pipeline.device import resolve_device
-from reid_pipeline.model.clip_loader import ensure_tiny_clip, load_clip
+from reid_pipeline.embedded.tiny_clip import ensure_tiny_clip
+from reid_pipeline.model.clip_loader import load_clip
 from reid_pipeline.model.reid_model import ReIDModel, load_reid_model, save_reid_model
 from reid_pipeline.storage import CheckpointError, sidecar_path
 from reid_pipeline.training.extract import extract_features
+from reid_pipeline.evaluation.plots import plot_training_history
+from reid_pipeline.training.loop import COMMON_FIELDS
 from reid_pipeline.training.schedulers import set_lr
 from reid_pipeline.training.stage2 import (
     NonFiniteLossError,
@@ -21,7 +24,6 @@ from reid_pipeline.training.stage2 import (
     Stage2Config,
     build_optimizer,
     build_reid_model,
-    plot_stage2_history,
     stage2_lr,
     train_visual_encoder,
 )
@@ -60,10 +62,15 @@ def data():
 
 
 def tiny_config(**kw) -> Stage2Config:
-    base = dict(input_size=SIZE, max_epochs=3, ids_per_batch=4, instances_per_id=2, max_iters_per_epoch=2,
-                base_lr=1e-4, warmup_epochs=1, steps=[2], log_period=1000)
+    base = dict(input_size=SIZE, epochs=3, ids_per_batch=4, instances_per_id=2, max_iters_per_epoch=2,
+                lr=1e-4, warmup_epochs=1, steps=[2], log_period=1000)
     base.update(kw)
     return Stage2Config.paper("vit", **base)
+
+
+def stop_at(epoch: int):
+    """An on_epoch_end callback that stops the run after ``epoch`` (a planned interruption)."""
+    return lambda row: row["epoch"] >= epoch
 
 
 def text_features(n: int = 8, dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -151,12 +158,12 @@ def test_frozen_baseline_is_clip_encoder_and_checkpoint_roundtrip(vit_clip, tmp_
 
 def test_paper_presets():
     v = Stage2Config.paper("vit")
-    assert (v.base_lr, v.weight_decay, v.weight_decay_bias, v.max_epochs, v.steps, v.gamma) == (5e-6, 1e-4, 1e-4, 60, [30, 50], 0.1)
+    assert (v.lr, v.weight_decay, v.weight_decay_bias, v.epochs, v.steps, v.gamma) == (5e-6, 1e-4, 1e-4, 60, [30, 50], 0.1)
     assert (v.warmup_epochs, v.warmup_factor, v.bias_lr_factor, v.batch_size) == (10, 0.1, 2.0, 64)
     assert (v.id_loss_weight, v.triplet_loss_weight, v.i2t_loss_weight) == (0.25, 1.0, 1.0)
     assert v.pixel_mean == (0.5, 0.5, 0.5) and v.input_size == (256, 128) and v.padding == 10
     r = Stage2Config.paper("resnet")
-    assert (r.base_lr, r.weight_decay, r.max_epochs, r.steps, r.warmup_factor) == (3.5e-4, 5e-4, 120, [40, 70], 0.01)
+    assert (r.lr, r.weight_decay, r.epochs, r.steps, r.warmup_factor) == (3.5e-4, 5e-4, 120, [40, 70], 0.01)
     assert (r.id_loss_weight, r.triplet_loss_weight, r.i2t_loss_weight) == (1.0, 1.0, 1.0)
     assert r.pixel_mean == (0.485, 0.456, 0.406) and r.pixel_std == (0.229, 0.224, 0.225)
     assert Stage2Config.paper("vit", sie_camera=True, stride=12).stride == 12
@@ -207,17 +214,18 @@ def test_training_changes_image_encoder_only(vit_clip, data):
     clip_before = {k: v.clone() for k, v in vit_clip.state_dict().items()}
     tf = text_features()
     tf_before = tf.clone()
-    cfg = tiny_config(max_epochs=2)
+    cfg = tiny_config(epochs=2)
     model = build_reid_model(vit_clip, 8, cfg)
     visual_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
     lines: list[str] = []
     result = train_visual_encoder(model, tf, cache, labels, cams, cfg, CPU, log=lines.append)
     assert result.completed and result.epochs_completed == 2 and len(result.history) == 2
-    for key in ("loss", "id", "triplet", "i2t", "acc", "lr", "img_per_s"):
+    for key in ("loss", "id", "triplet", "i2t", "acc", "id_acc", *COMMON_FIELDS):
         assert key in result.history[0]
-    assert result.images_per_second > 0 and 0 <= result.final_accuracy <= 1
-    epoch_lines = [ln for ln in lines if ln.startswith("epoch 2/2")]
-    assert epoch_lines and all(w in epoch_lines[0] for w in ("loss", "id", "triplet", "i2t", "acc", "lr", "img/s", "ETA"))
+    assert result.samples_per_s > 0 and result.wall_time_s > 0 and 0 <= result.final_accuracy <= 1
+    assert result.precision == "fp32"
+    epoch_lines = [ln for ln in lines if ln.startswith("stage 2 epoch 2/2")]
+    assert epoch_lines and all(w in epoch_lines[0] for w in ("loss", "id", "triplet", "i2t", "acc", "lr", "samples/s", "ETA"))
     # text side (CLIP incl. its text encoder, and the stage-1 text features) bit-identical ...
     for k, v in vit_clip.state_dict().items():
         assert torch.equal(v, clip_before[k]), k
@@ -230,14 +238,14 @@ def test_training_changes_image_encoder_only(vit_clip, data):
 def test_resume_equals_uninterrupted(vit_clip, data, tmp_path):
     cache, labels, cams = data
     tf = text_features()
-    cfg = tiny_config(max_epochs=3, sie_camera=True)
+    cfg = tiny_config(epochs=3, sie_camera=True)
 
     full = build_reid_model(vit_clip, 8, cfg, num_cameras=2)
     r_full = train_visual_encoder(full, tf, cache, labels, cams, cfg, CPU, state_path=tmp_path / "a.safetensors")
 
     state = tmp_path / "b.safetensors"
     first = build_reid_model(vit_clip, 8, cfg, num_cameras=2)
-    r1 = train_visual_encoder(first, tf, cache, labels, cams, cfg, CPU, state_path=state, stop_after_epoch=1)
+    r1 = train_visual_encoder(first, tf, cache, labels, cams, cfg, CPU, state_path=state, on_epoch_end=stop_at(1))
     assert not r1.completed and r1.epochs_completed == 1 and state.is_file()
     resumed = build_reid_model(vit_clip, 8, cfg.model_copy(update={"log_period": 1}), num_cameras=2)
     lines: list[str] = []
@@ -248,23 +256,40 @@ def test_resume_equals_uninterrupted(vit_clip, data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "img_per_s")} for e in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "samples_per_s", "eta_s")} for e in h]  # noqa: E731
     assert strip(r_full.history) == strip(r2.history)
 
     # a finished state: nothing left to do
     r3 = train_visual_encoder(resumed, tf, cache, labels, cams, cfg, CPU, state_path=state)
     assert r3.completed and r3.iterations == 0
     # a different configuration refuses the state
-    with pytest.raises(CheckpointError, match="different run"):
-        train_visual_encoder(resumed, tf, cache, labels, cams, cfg.model_copy(update={"base_lr": 1e-3}), CPU, state_path=state)
+    with pytest.raises(CheckpointError, match="different stage 2 run.*config.lr: saved 0.0001 vs now 0.001"):
+        train_visual_encoder(resumed, tf, cache, labels, cams, cfg.model_copy(update={"lr": 1e-3}), CPU, state_path=state)
+
+
+def test_torn_checkpoint_is_detected_not_resumed(vit_clip, data, tmp_path):
+    """Tensors from one save and the sidecar from another (a crash between the two writes, or files
+    copied from different epochs): the loop refuses to resume instead of ending with other weights."""
+    cache, labels, cams = data
+    cfg = tiny_config(epochs=3)
+    state = tmp_path / "s.safetensors"
+    train_visual_encoder(build_reid_model(vit_clip, 8, cfg), text_features(), cache, labels, None, cfg, CPU,
+                         state_path=state, on_epoch_end=stop_at(1))
+    epoch1_tensors = state.read_bytes()
+    train_visual_encoder(build_reid_model(vit_clip, 8, cfg), text_features(), cache, labels, None, cfg, CPU,
+                         state_path=state, on_epoch_end=stop_at(2))
+    state.write_bytes(epoch1_tensors)  # sidecar still from epoch 2
+    with pytest.raises(CheckpointError, match=r"torn checkpoint \(tensors from epoch 1, sidecar s.json from epoch 2"):
+        train_visual_encoder(build_reid_model(vit_clip, 8, cfg), text_features(), cache, labels, None, cfg, CPU,
+                             state_path=state)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(vit_clip, data, tmp_path):
     cache, labels, cams = data
-    cfg = tiny_config(max_epochs=3)
+    cfg = tiny_config(epochs=3)
     state = tmp_path / "s.safetensors"
     train_visual_encoder(build_reid_model(vit_clip, 8, cfg), text_features(), cache, labels, None, cfg, CPU,
-                         state_path=state, stop_after_epoch=1)
+                         state_path=state, on_epoch_end=stop_at(1))
     before = (state.read_bytes(), sidecar_path(state).read_bytes())
     bad = text_features()
     bad[3, 0] = float("nan")
@@ -277,7 +302,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(vit_clip, data, tmp_path)
 
 def test_stage1_mismatch_and_bad_inputs_are_clear(vit_clip, data):
     cache, labels, cams = data
-    cfg = tiny_config(max_epochs=1)
+    cfg = tiny_config(epochs=1)
     model = build_reid_model(vit_clip, 8, cfg)
     with pytest.raises(Stage1MismatchError, match="stage 1 must be rematerialised"):
         train_visual_encoder(model, text_features(n=9), cache, labels, None, cfg, CPU)
@@ -313,5 +338,5 @@ def test_extract_features_and_history_plot(vit_clip, data, tmp_path):
 
     hist = [{"epoch": e, "loss": 3.0 / e, "id": 2.0 / e, "triplet": 1.0 / e, "i2t": 1.5 / e, "acc": 0.2 * e,
              "id_acc": 0.1 * e, "lr": 1e-5} for e in (1, 2, 3)]
-    png = plot_stage2_history(hist, tmp_path / "curves.png")
+    png = plot_training_history(hist, {"loss terms": ["loss", "id", "triplet", "i2t"], "train accuracy": ["acc", "id_acc"], "learning rate": ["lr"]}, tmp_path / "curves.png", title="stage 2")
     assert png.read_bytes()[:4] == b"\x89PNG"

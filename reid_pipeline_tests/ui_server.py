@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar
 
 import pytest
 
-from reid_pipeline.automation import load_run_preset
+from reid_pipeline.retrain import load_run_preset
 from reid_pipeline_tests.conftest import PROJECT_ROOT
 
 LOCATION = "reid_pipeline.definitions"

@@ -1,25 +1,68 @@
-"""Small helpers shared by the asset modules (Dagster-side only)."""
+"""Bookkeeping shared by the asset modules (Dagster side only): folders, config overrides, metadata."""
 
 from __future__ import annotations
 
-import hashlib
-import io
+import base64
+import fcntl
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterator, Mapping
 
 import dagster as dg
 import pandas as pd
 
+from reid_pipeline.evaluation.plots import thumbnail_png
+from reid_pipeline.pipeline import version_of
+from reid_pipeline.resources import ReidSettings
+from reid_pipeline.training.loop import remove_training_state
+
 OWNERS = ["team:reid"]
 
 
-def version_of(*parts: Any) -> str:
-    """A short, stable version string from any JSON-able parts."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(repr(part).encode())
-        h.update(b"\x00")
-    return h.hexdigest()[:20]
+class Overrides(dg.Config):
+    """An asset's run config: every field optional; ``None`` (left out) = the library's default,
+    which is the paper's value. :meth:`overrides` gives only what the run config set."""
+
+    def overrides(self, *, exclude: set[str] = frozenset()) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None and k not in exclude}
+
+
+def output_dir(context: dg.AssetExecutionContext, reid: ReidSettings) -> Path:
+    """A fresh, timestamped folder for this materialisation of the asset."""
+    return reid.new_artifact_dir(context.asset_key.to_python_identifier(), context.run.run_id)
+
+
+@contextmanager
+def resume_state(context: dg.AssetExecutionContext, reid: ReidSettings, *parts: Any) -> Iterator[Path]:
+    """Where this asset keeps its resumable training state, keyed by what it trains from, held
+    exclusively by this step while it trains.
+
+    A rematerialisation from the same inputs and config finds the state and resumes; the state is
+    removed when training has finished. Two runs never share it: a second step with the same key
+    while the first is alive fails at once, naming the holder (the lock dies with its process).
+    """
+    key = version_of(*parts)
+    folder = reid.work_dir(context.asset_key.to_python_identifier(), key)
+    lock_path = folder.with_name(f"{key}.lock")
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RuntimeError(
+                f"{folder}: another step is training from the same inputs right now ({lock.read().strip() or 'unknown'}); "
+                "it owns this resumable state — wait for it to finish"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"run {context.run.run_id}, pid {os.getpid()}")
+        lock.flush()
+        path = folder / "state.safetensors"
+        if path.exists():
+            context.log.info(f"resuming from {path}")
+        yield path
+        remove_training_state(path)
 
 
 def table_metadata(df: pd.DataFrame, max_rows: int = 20) -> dg.MetadataValue:
@@ -36,33 +79,27 @@ def table_metadata(df: pd.DataFrame, max_rows: int = 20) -> dg.MetadataValue:
     return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
 
 
-def png_metadata(path: Path | str) -> dg.MetadataValue:
-    """An image file shown inline in the UI (markdown with a data URI) — the path is kept too."""
-    import base64  # noqa: PLC0415
+def picture_metadata(name: str, path: Path | str, max_side: int = 320) -> dict[str, dg.MetadataValue]:
+    """A picture for the UI: a small thumbnail inline (the event log stays light) and the full file as a path."""
+    data = base64.b64encode(thumbnail_png(path, max_side)).decode()
+    return {
+        name: dg.MetadataValue.md(f"![{Path(path).name}](data:image/png;base64,{data})"),
+        f"{name}_path": dg.MetadataValue.path(str(path)),
+    }
 
-    data = Path(path).read_bytes()
-    return dg.MetadataValue.md(f"![{Path(path).name}](data:image/png;base64,{base64.b64encode(data).decode()})")
 
-
-def line_plot_png(series: Mapping[str, Iterable[float]], title: str, xlabel: str, ylabel: str) -> bytes:
-    """Render one or more curves to PNG bytes (matplotlib, Agg)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for name, values in series.items():
-        values = list(values)
-        ax.plot(range(1, len(values) + 1), values, label=name, marker="o" if len(values) < 30 else None)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+def training_metadata(result: Any, device: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata both training assets report, with the same keys (a LoopResult)."""
+    last = result.history[-1] if result.history else {}
+    return {
+        "final_loss": float(result.final_loss),
+        "first_loss": float(result.history[0]["loss"]) if result.history else float("nan"),
+        "epochs": int(result.epochs_completed),
+        "resumed_from_epoch": int(result.resumed_from_epoch),
+        "wall_time_s": float(result.wall_time_s),
+        "samples_per_s": float(result.samples_per_s),
+        "last_epoch_lr": float(last.get("lr", float("nan"))),
+        "precision": result.precision,
+        "device": device,
+        **(extra or {}),
+    }

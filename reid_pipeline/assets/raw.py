@@ -14,7 +14,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import dagster as dg
 
@@ -28,7 +28,6 @@ __all__ = [
     "SOURCE_FINGERPRINTS",
     "raw_dataset_fingerprint",
     "clip_weights_fingerprint",
-    "with_source_deps",
 ]
 
 _CLIP_WEIGHTS_VERSION = b"reid_pipeline.clip_weights_fingerprint.v1\n"
@@ -53,28 +52,18 @@ def clip_weights_fingerprint(reid: ReidSettings) -> str:
     Raises:
         FileNotFoundError: ``clip_weights`` looks like a path but no such file exists.
     """
-    spec = reid.clip_weights_spec()
+    from reid_pipeline.model.clip_loader import cached_weights_path  # noqa: PLC0415  (pulls in torch)
+
+    spec = reid.clip_weights_spec()  # a canonical model name or an absolute path (unknown names: a clear error)
     h = hashlib.sha256(_CLIP_WEIGHTS_VERSION)
-    path = Path(spec)
-    if path.is_file():
-        h.update(_stat_line(path).encode())
+    if os.path.isabs(spec):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"CLIP weights {spec}: no such file — set REID_CLIP_WEIGHTS or the reid "
+                                    "resource's clip_weights to a checkpoint path or a model name such as ViT-B/16")
+        h.update(_stat_line(Path(spec)).encode())
         return h.hexdigest()
-    from reid_pipeline.model.clip_loader import resolve_model_name  # noqa: PLC0415  (pulls in torch)
-
-    name = resolve_model_name(spec)
-    try:
-        import clip  # noqa: PLC0415
-
-        url = clip.clip._MODELS.get(name)
-    except ImportError:  # pragma: no cover - openai-clip is a hard dependency
-        url = None
-    if url is None:
-        raise FileNotFoundError(
-            f"CLIP weights {spec!r}: no such file and not an openai-clip model name — set REID_CLIP_WEIGHTS "
-            "or the reid resource's clip_weights to a checkpoint path or a model name such as ViT-B/16"
-        )
-    h.update(f"model:{name}".encode())
-    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    h.update(f"model:{spec}".encode())
+    cached = cached_weights_path(spec)
     if cached.is_file():
         h.update(b"\0" + _stat_line(cached).encode())
     return h.hexdigest()
@@ -138,31 +127,3 @@ SOURCE_FINGERPRINTS: dict[dg.AssetKey, Callable[[ReidSettings], str]] = {
     raw_dataset.key: raw_dataset_fingerprint,
     clip_weights.key: clip_weights_fingerprint,
 }
-
-#: Which materialisable asset each source feeds (a non-argument dependency).
-_SOURCE_CONSUMERS: dict[dg.AssetKey, dg.AssetKey] = {
-    dg.AssetKey("dataset_manifest"): raw_dataset.key,
-    dg.AssetKey("frozen_clip"): clip_weights.key,
-}
-
-
-def with_source_deps(assets: Sequence) -> list:
-    """``assets`` with ``dataset_manifest`` depending on ``raw_dataset`` and ``frozen_clip`` on ``clip_weights``.
-
-    Idempotent: an asset that already declares the dependency (``deps=[raw_dataset]``) is returned
-    unchanged, so declaring it in the asset module itself is the preferred form and this becomes a no-op.
-    """
-
-    def add_dep(spec: dg.AssetSpec) -> dg.AssetSpec:
-        source = _SOURCE_CONSUMERS.get(spec.key)
-        if source is None or any(dep.asset_key == source for dep in spec.deps):
-            return spec
-        return spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(source)])
-
-    out = []
-    for item in assets:
-        if isinstance(item, dg.AssetsDefinition) and any(k in _SOURCE_CONSUMERS for k in item.keys):
-            out.append(item.map_asset_specs(add_dep))
-        else:
-            out.append(item)
-    return out

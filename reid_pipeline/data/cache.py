@@ -18,15 +18,27 @@ Images of different stored sizes are allowed. :meth:`ImageCache.batch` stacks a 
 images have the same size and raises :class:`MixedSizeError` otherwise; :meth:`ImageCache.fetch`
 returns the stacked tensor when it can and the list of per-image tensors when it cannot — the
 transforms accept either and resize a list group by group (each group of equal size in one call).
+
+Bounds: an image whose longer side exceeds ``max_side`` (default :data:`DEFAULT_MAX_SIDE`, 4× the
+256-pixel ReID input) is downscaled while it is decoded (JPEG: PIL's DCT-domain ``draft``, then a
+reducing resize), so a photo of 8000×8000 pixels costs what a 1024×1024 one does. 16-bit grayscale
+PNGs are scaled to 8 bits. Files PIL refuses as decompression bombs raise :class:`ImageDecodeError`
+naming the file. The size of a cache (images, bytes) is known from the headers before anything is
+decoded: :func:`plan_image_cache`, and ``report=`` of :meth:`ImageCache.from_paths`. The disk cache
+is preallocated (``posix_fallocate``) after a free-space check and written with ``pwrite``, never
+through a writable memory map, so a full disk raises :class:`~reid_pipeline.storage.StorageFullError`
+naming the file (not SIGBUS) and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -34,12 +46,36 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from reid_pipeline.storage import read_json, write_json
+from reid_pipeline.storage import (
+    StorageFullError,
+    check_free_space,
+    create_temp_file,
+    no_space_error,
+    read_json,
+    remove_quietly,
+    write_json,
+)
 
-__all__ = ["ImageCache", "ImageDecodeError", "MixedSizeError", "decode_image", "sources_fingerprint"]
+__all__ = [
+    "DEFAULT_MAX_SIDE",
+    "CachePlan",
+    "ImageCache",
+    "ImageDecodeError",
+    "MixedSizeError",
+    "bounded_size",
+    "decode_image",
+    "plan_image_cache",
+    "sources_fingerprint",
+]
 
 CACHE_FORMAT = "reid_pipeline.image_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images bounded by max_side at decode time, 16-bit PNGs scaled to 8 bits
+
+#: Longer side, in pixels, above which an image is downscaled as it is decoded (4× a 256×128 input).
+DEFAULT_MAX_SIDE = 1024
+
+_log = logging.getLogger(__name__)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 class ImageDecodeError(ValueError):
@@ -55,16 +91,62 @@ def _resolve(root: Path, rel: str | os.PathLike) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def decode_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode one image file into a uint8 ``(3, H, W)`` tensor (RGB, stored size)."""
+def _check_max_side(max_side: int | None) -> int | None:
+    if max_side is None:
+        return None
+    if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or max_side < 1:
+        raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
+    return int(max_side)
+
+
+def bounded_size(height: int, width: int, max_side: int | None = DEFAULT_MAX_SIDE) -> tuple[int, int]:
+    """``(height, width)`` after bounding the longer side to ``max_side`` (aspect ratio kept)."""
+    max_side = _check_max_side(max_side)
+    longer = max(height, width)
+    if max_side is None or longer <= max_side:
+        return int(height), int(width)
+    scale = max_side / longer
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with 16-bit (and 32-bit integer) grayscale scaled to 8 bits instead of clipped to white."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(im)
+        arr = np.clip(arr, 0, 65535).astype(np.uint32) if arr.dtype != np.uint16 else arr.astype(np.uint32)
+        gray = ((arr * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _open_error(path: Path, exc: BaseException, what: str) -> ImageDecodeError:
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageDecodeError(f"{path}: decompression bomb refused ({exc})")
+    return ImageDecodeError(f"{path}: {what} ({exc})")
+
+
+def decode_image(path: str | os.PathLike, max_side: int | None = DEFAULT_MAX_SIDE) -> torch.Tensor:
+    """Decode one image file into a uint8 ``(3, H, W)`` tensor (RGB).
+
+    The stored size, unless its longer side exceeds ``max_side``: then the size is
+    :func:`bounded_size` and the image is reduced while it is decoded (``None``: never).
+    """
     path = Path(path)
+    max_side = _check_max_side(max_side)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageDecodeError(f"{path}: cannot decode image ({exc})") from exc
+            w0, h0 = im.size
+            th, tw = bounded_size(h0, w0, max_side)
+            if (th, tw) != (h0, w0) and im.format == "JPEG":
+                im.draft("RGB", (tw, th))  # DCT-domain downscale: decodes at >= the target size
+            rgb = _to_rgb(im)
+            if rgb.size != (tw, th):
+                rgb = rgb.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            arr = np.asarray(rgb)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _open_error(path, exc, "cannot decode image") from exc
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -75,16 +157,61 @@ def _header_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageDecodeError(f"{path}: cannot read image header ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _open_error(path, exc, "cannot read image header") from exc
     return int(h), int(w)
 
 
-def sources_fingerprint(root: str | os.PathLike, rel_paths: Sequence[str], key: str | None = None) -> str:
-    """sha256 over the cache format version, ``key``, and each path's name, size and mtime."""
+@dataclass(frozen=True)
+class CachePlan:
+    """What a cache of some images will hold, known from their headers before any decode.
+
+    ``shapes`` are the decoded ``(3, H, W)`` sizes (after :func:`bounded_size`), ``offsets`` where
+    each starts in the flat buffer, ``nbytes`` the buffer's size, ``downscaled`` how many images
+    exceed ``max_side`` and are reduced as they are decoded.
+    """
+
+    images: int
+    nbytes: int
+    downscaled: int
+    max_side: int | None
+    shapes: np.ndarray
+    offsets: np.ndarray
+
+    def describe(self) -> dict:
+        sizes = {tuple(int(v) for v in s[1:]) for s in self.shapes}
+        return {"images": self.images, "bytes": self.nbytes, "downscaled": self.downscaled,
+                "max_side": self.max_side, "distinct_sizes": len(sizes)}
+
+
+def plan_image_cache(
+    root: str | os.PathLike,
+    rel_paths: Sequence[str | os.PathLike],
+    *,
+    max_side: int | None = DEFAULT_MAX_SIDE,
+    num_threads: int | None = None,
+) -> CachePlan:
+    """Read the headers of ``root / rel`` (no pixel decode) and size the cache they would make."""
+    root = Path(root)
+    max_side = _check_max_side(max_side)
+    paths = [_resolve(root, r) for r in rel_paths]
+    with ThreadPoolExecutor(max_workers=int(num_threads or _default_threads())) as pool:
+        hw = list(pool.map(_header_size, paths))
+    bounded = [bounded_size(h, w, max_side) for h, w in hw]
+    shapes = np.array([(3, h, w) for h, w in bounded], dtype=np.int64).reshape(-1, 3)
+    sizes = shapes.prod(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(paths) else np.zeros(0, np.int64)
+    downscaled = sum(1 for a, b in zip(hw, bounded) if a != b)
+    return CachePlan(images=len(paths), nbytes=int(sizes.sum()), downscaled=downscaled, max_side=max_side,
+                     shapes=shapes, offsets=offsets)
+
+
+def sources_fingerprint(root: str | os.PathLike, rel_paths: Sequence[str], key: str | None = None,
+                        max_side: int | None = DEFAULT_MAX_SIDE) -> str:
+    """sha256 over the cache format version, ``key``, ``max_side`` and each path's name, size and mtime."""
     root = Path(root)
     h = hashlib.sha256()
-    h.update(f"{CACHE_FORMAT}:{CACHE_VERSION}:{key or ''}\n".encode())
+    h.update(f"{CACHE_FORMAT}:{CACHE_VERSION}:{key or ''}:{max_side}\n".encode())
     for rel in rel_paths:
         p = _resolve(root, rel)
         try:
@@ -162,22 +289,34 @@ class ImageCache:
         key: str | None = None,
         num_threads: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        max_side: int | None = DEFAULT_MAX_SIDE,
+        report: Callable[[dict], None] | None = None,
     ) -> "ImageCache":
         """Decode ``root / rel`` for every path, once, in a thread pool.
 
         ``mode="disk"`` needs ``cache_dir``: the cache is written there as
         ``images-<fingerprint[:20]>.u8`` + ``.json`` and reused on later calls whose sources
-        (paths, sizes, mtimes, ``key``) are unchanged. ``progress(done, total)`` is called as
-        images are decoded.
+        (paths, sizes, mtimes, ``key``, ``max_side``) are unchanged. Images whose longer side exceeds
+        ``max_side`` are stored downscaled to it (``None``: stored sizes). Before decoding,
+        ``report`` receives the plan (``{"images", "bytes", "downscaled", "max_side",
+        "distinct_sizes", "mode", "path"}``; also logged at INFO); ``progress(done, total)`` is
+        called as images are decoded.
+
+        Raises:
+            StorageFullError: the disk cache does not fit on ``cache_dir``'s file system (checked
+                before decoding; the message names the file, the bytes needed and free).
+            ImageDecodeError: an image cannot be decoded (the message names it).
         """
         if mode not in ("memory", "disk"):
             raise ValueError(f"mode must be 'memory' or 'disk', got {mode!r}")
+        max_side = _check_max_side(max_side)
         root = Path(root)
         rels = [str(r) for r in rel_paths]
         if not rels:
             raise ValueError(f"no images given to cache (root {root})")
         threads = int(num_threads or _default_threads())
-        fingerprint = sources_fingerprint(root, rels, key) if mode == "disk" else None
+        fingerprint = sources_fingerprint(root, rels, key, max_side) if mode == "disk" else None
+        stem: Path | None = None
         if mode == "disk":
             if cache_dir is None:
                 raise ValueError("mode='disk' needs a cache_dir")
@@ -189,32 +328,23 @@ class ImageCache:
                 return existing
 
         paths = [_resolve(root, r) for r in rels]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            hw = list(pool.map(_header_size, paths))
-        shapes = np.array([(3, h, w) for h, w in hw], dtype=np.int64)
-        sizes = shapes.prod(axis=1)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        total = int(sizes.sum())
+        plan = plan_image_cache(root, rels, max_side=max_side, num_threads=threads)
+        summary = {**plan.describe(), "mode": mode, "path": str(stem.with_suffix(".u8")) if stem else None}
+        _log.info("image cache: %d images, %d bytes (%d downscaled to max side %s), %s%s", plan.images,
+                  plan.nbytes, plan.downscaled, max_side, mode, f" at {summary['path']}" if stem else "")
+        if report is not None:
+            report(summary)
+        shapes, offsets, total = plan.shapes, plan.offsets, plan.nbytes
 
         if mode == "memory":
             buf = np.empty(total, dtype=np.uint8)
-            cls._decode_into(buf, paths, offsets, shapes, threads, progress)
+
+            def into_memory(offset: int, pixels: np.ndarray) -> None:
+                buf[offset : offset + pixels.size] = pixels
+
+            cls._decode_into(into_memory, paths, shapes, offsets, threads, progress, max_side)
             return cls(torch.from_numpy(buf), offsets, shapes, rel_paths=rels)
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem.name}.", suffix=".u8.tmp", dir=stem.parent)
-        os.close(fd)
-        try:
-            mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(total,))
-            cls._decode_into(mm, paths, offsets, shapes, threads, progress)
-            mm.flush()
-            del mm
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, stem.with_suffix(".u8"))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         index = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -222,33 +352,91 @@ class ImageCache:
             "root": str(root),
             "count": len(rels),
             "nbytes": total,
+            "max_side": max_side,
             "offsets": offsets.tolist(),
             "shapes": shapes.tolist(),
             "rel_paths": rels,
         }
-        write_json(stem.with_suffix(".json"), index)
+        data_path, index_path = stem.with_suffix(".u8"), stem.with_suffix(".json")
+        index_bytes = len(json.dumps(index, indent=2)) + 4096
+        check_free_space(data_path, total + index_bytes, what=f"writing the image cache {data_path.name}")
+        cls._write_disk(data_path, total, paths, shapes, offsets, threads, progress, max_side)
+        try:
+            write_json(index_path, index)
+        except BaseException:
+            remove_quietly(data_path)  # a data file without its index would only hold the space
+            raise
         opened = cls._open_disk(stem, fingerprint)
         if opened is None:  # pragma: no cover - would mean the files vanished underneath us
-            raise OSError(f"{stem}.u8: disk cache written but could not be reopened")
+            raise OSError(f"{data_path}: disk cache written but could not be reopened")
         return opened
+
+    @classmethod
+    def _write_disk(
+        cls,
+        data_path: Path,
+        total: int,
+        paths: Sequence[Path],
+        shapes: np.ndarray,
+        offsets: np.ndarray,
+        threads: int,
+        progress: Callable[[int, int], None] | None,
+        max_side: int | None,
+    ) -> None:
+        """Decode into a preallocated temporary file with ``pwrite``, then move it to ``data_path``."""
+        fd, tmp = create_temp_file(data_path, suffix=".u8.tmp")
+        try:
+            try:
+                if total and hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, total)
+                else:
+                    os.ftruncate(fd, total)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                os.ftruncate(fd, total)  # the file system cannot reserve space; pwrite still reports ENOSPC
+
+            def into_file(offset: int, pixels: np.ndarray) -> None:
+                view = memoryview(pixels).cast("B")
+                while len(view):
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+
+            cls._decode_into(into_file, paths, shapes, offsets, threads, progress, max_side)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, data_path)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            remove_quietly(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, StorageFullError):
+                raise no_space_error(data_path, total, code=exc.errno, what="writing the image cache") from exc
+            raise
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            remove_quietly(tmp)
+            raise
 
     @staticmethod
     def _decode_into(
-        buf: np.ndarray,
+        sink: Callable[[int, np.ndarray], None],
         paths: Sequence[Path],
-        offsets: np.ndarray,
         shapes: np.ndarray,
+        offsets: np.ndarray,
         threads: int,
         progress: Callable[[int, int], None] | None,
+        max_side: int | None,
     ) -> None:
         def work(i: int) -> int:
-            img = decode_image(paths[i])
+            img = decode_image(paths[i], max_side)
             if tuple(img.shape) != tuple(int(v) for v in shapes[i]):
                 raise ImageDecodeError(
                     f"{paths[i]}: decoded to {tuple(img.shape)} but its header says {tuple(int(v) for v in shapes[i])}"
                 )
-            o = int(offsets[i])
-            buf[o : o + img.numel()] = img.numpy().reshape(-1)
+            sink(int(offsets[i]), img.numpy().reshape(-1))
             return i
 
         n = len(paths)

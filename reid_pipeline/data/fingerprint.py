@@ -10,6 +10,11 @@ Two different questions, two functions:
   touching files leaves it unchanged; editing, replacing, adding, removing or relabelling an image
   changes it. Meant for the ``DataVersion`` of the manifest asset.
 
+Symbolic links follow the manifest's policy (:class:`~reid_pipeline.data.layouts.LinkResolver`):
+the root may itself be a link; entries resolving outside it are skipped (``external_links="skip"``,
+the default) or followed (``"keep"``) and counted in a :class:`WalkReport`; a folder already walked
+(a symlink loop) is never walked twice.
+
 Neither imports dagster or torch.
 """
 
@@ -17,52 +22,123 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from .layouts import ExternalLinks, LinkResolver, check_external_links
 from .validation import is_image_name
 
-__all__ = ["directory_fingerprint", "manifest_fingerprint", "file_sha1"]
+__all__ = ["WalkReport", "directory_fingerprint", "manifest_fingerprint", "file_sha1"]
+
+_MAX_EXAMPLES = 20
+
+
+@dataclass
+class WalkReport:
+    """What :func:`directory_fingerprint` left out or followed besides ordinary files.
+
+    ``external``: entries (relative paths) resolving outside the root — skipped or, with
+    ``external_links="keep"``, followed; ``loops``: symlink loops and links to a folder already
+    walked, never followed; ``unreadable``: folders that could not be listed. Each list keeps
+    twenty examples; the ``num_*`` counters count all.
+    """
+
+    external_links: str = "skip"
+    num_external: int = 0
+    external: list[str] = field(default_factory=list)
+    num_loops: int = 0
+    loops: list[str] = field(default_factory=list)
+    num_unreadable: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+    def _add(self, kind: str, rel: str) -> None:
+        setattr(self, f"num_{kind}", getattr(self, f"num_{kind}") + 1)
+        examples = getattr(self, kind)
+        if len(examples) < _MAX_EXAMPLES:
+            examples.append(rel)
 
 _FINGERPRINT_VERSION = b"reid_pipeline.manifest_fingerprint.v1\n"
 _DIRECTORY_VERSION = b"reid_pipeline.directory_fingerprint.v1\n"
 
 
-def _walk_files(root: Path):
-    """Yield ``(relative posix path, stat)`` of image and ``.txt`` files under ``root``."""
-    stack = [(root, "")]
+def _walk_files(root: Path, external_links: str, report: WalkReport):
+    """Yield ``(relative posix path, stat)`` of image and ``.txt`` files under ``root``.
+
+    Folders are visited once each (by device and inode), in sorted order, so symlink loops end
+    and the walk is deterministic.
+    """
+    resolver = LinkResolver(root)
+    try:
+        st_root = os.stat(root)
+    except OSError:
+        return
+    visited = {(st_root.st_dev, st_root.st_ino)}
+    stack = [(os.fspath(root), "")]
     while stack:
         folder, prefix = stack.pop()
         try:
             with os.scandir(folder) as it:
-                entries = list(it)
+                entries = sorted(it, key=lambda e: e.name, reverse=True)  # popped in name order
         except OSError:
+            report._add("unreadable", prefix or ".")
             continue
         for entry in entries:
             rel = f"{prefix}{entry.name}"
-            if entry.is_dir():
-                if not entry.name.startswith("."):
-                    stack.append((Path(entry.path), rel + "/"))
-            elif entry.is_file() and (is_image_name(entry.name) or entry.name.endswith(".txt")):
-                yield rel, entry.stat()
+            wanted_file = is_image_name(entry.name) or entry.name.endswith(".txt")
+            try:
+                if entry.is_symlink():
+                    verdict = resolver.classify(entry.path)
+                    if verdict == "loop":
+                        report._add("loops", rel)
+                        continue
+                    if verdict == "external":
+                        report._add("external", rel)
+                        if external_links == "skip":
+                            continue
+                    st = os.stat(entry.path)  # follows the link
+                else:
+                    st = entry.stat(follow_symlinks=False)
+            except OSError:  # dangling link or vanished entry: not a data file
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if entry.name.startswith("."):
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    report._add("loops", rel + "/")
+                    continue
+                visited.add(key)
+                stack.append((entry.path, rel + "/"))
+            elif stat.S_ISREG(st.st_mode) and wanted_file:
+                yield rel, st
 
 
-def directory_fingerprint(root: str | os.PathLike) -> str:
+def directory_fingerprint(
+    root: str | os.PathLike, *, external_links: ExternalLinks = "skip", report: WalkReport | None = None
+) -> str:
     """SHA-256 hex digest of the relative names, sizes and mtimes of the data files under ``root``.
 
     Data files are images (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``) and ``.txt`` list files,
     found recursively; hidden folders are skipped. Costs one ``stat`` per file and reads nothing.
+    Entries whose symlinks resolve outside ``root`` are skipped (default) or followed
+    (``external_links="keep"``); symlink loops are never followed. Pass a :class:`WalkReport` as
+    ``report`` to learn what was skipped.
 
     Raises:
         FileNotFoundError: ``root`` does not exist or is not a directory.
     """
+    check_external_links(external_links)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a directory")
+    walk = report if report is not None else WalkReport()
+    walk.external_links = external_links
     h = hashlib.sha256(_DIRECTORY_VERSION)
-    for rel, st in sorted(_walk_files(root)):
+    for rel, st in sorted(_walk_files(root, external_links, walk)):
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 

@@ -28,7 +28,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .layouts import SPLITS, DatasetLayoutError, ParsedDataset, detect_layout
+from .layouts import (
+    SPLITS,
+    DatasetLayoutError,
+    ExternalLinks,
+    LinkResolver,
+    ParsedDataset,
+    check_external_links,
+    detect_layout,
+)
 from .validation import BadImageError, find_bad_images
 
 __all__ = [
@@ -63,6 +71,12 @@ class ManifestReport:
         bad_images: paths (relative to ``root``) that failed the check and were left out
             (only with ``on_bad_image="skip"``; otherwise :class:`BadImageError` is raised).
         bad_image_reasons: ``{path: reason}`` for ``bad_images``.
+        external_links: the policy for entries whose symlinks resolve outside the real root
+            (``"skip"`` or ``"keep"``).
+        num_external_links: how many listed images resolve outside the root.
+        external_link_examples: up to twenty of them (paths relative to ``root``).
+        num_symlink_loops: listed images that are symlink loops (always left out).
+        symlink_loop_examples: up to twenty of them.
         warnings: things a person should look at (single-camera split, empty split, ...).
     """
 
@@ -77,11 +91,35 @@ class ManifestReport:
     images_checked: bool = False
     bad_images: list[str] = field(default_factory=list)
     bad_image_reasons: dict[str, str] = field(default_factory=dict)
+    external_links: str = "skip"
+    num_external_links: int = 0
+    external_link_examples: list[str] = field(default_factory=list)
+    num_symlink_loops: int = 0
+    symlink_loop_examples: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (for Dagster metadata or a sidecar file)."""
         return asdict(self)
+
+
+_MAX_LINK_EXAMPLES = 20
+
+
+def _apply_link_policy(
+    records: list[tuple[str, int, int, str]], root: Path, policy: str, report: ManifestReport
+) -> list[tuple[str, int, int, str]]:
+    """Drop symlink loops and (with ``policy="skip"``) entries that resolve outside ``root``."""
+    resolver = LinkResolver(root)
+    verdicts = {rel: resolver.classify(os.path.join(root, rel)) for rel in sorted({r[0] for r in records})}
+    external = [rel for rel, v in verdicts.items() if v == "external"]
+    loops = [rel for rel, v in verdicts.items() if v == "loop"]
+    report.num_external_links = len(external)
+    report.external_link_examples = external[:_MAX_LINK_EXAMPLES]
+    report.num_symlink_loops = len(loops)
+    report.symlink_loop_examples = loops[:_MAX_LINK_EXAMPLES]
+    drop = set(loops) | (set(external) if policy == "skip" else set())
+    return [r for r in records if r[0] not in drop] if drop else records
 
 
 def _check_on_bad_image(value: str) -> None:
@@ -170,6 +208,7 @@ def build_manifest_with_report(
     on_bad_image: OnBadImage = "error",
     *,
     read_image_size: bool = True,
+    external_links: ExternalLinks = "skip",
 ) -> tuple[pd.DataFrame, ManifestReport]:
     """Build the manifest of the dataset under ``root`` and report what was left out.
 
@@ -181,6 +220,9 @@ def build_manifest_with_report(
         on_bad_image: ``"error"`` raises :class:`BadImageError` listing every bad path;
             ``"skip"`` leaves them out and lists them in the report.
         read_image_size: with ``check_images``, also let PIL parse each header (no decode).
+        external_links: ``"skip"`` (default) leaves out images whose symlinks resolve outside the
+            real root, ``"keep"`` follows them; either way they are counted in the report. The root
+            itself may be a link. Symlink loops are always left out and counted.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -188,15 +230,22 @@ def build_manifest_with_report(
         BadImageError: some image failed the check and ``on_bad_image="error"``.
     """
     _check_on_bad_image(on_bad_image)
+    check_external_links(external_links)
     root_path = Path(root)
     chosen, dataset_dir = detect_layout(root_path, layout)
     parsed: ParsedDataset = chosen.parse(root_path, dataset_dir)
     if not parsed.records:
-        examples = "; ".join(parsed.skipped_examples) or "no image files at all"
+        num_junk = sum(parsed.junk_by_split.values())
+        if parsed.num_skipped == 0 and num_junk == 0:
+            what = "there are no image files in its split folders"
+        elif parsed.num_skipped == 0:
+            what = f"every image is junk (pid -1): {num_junk} dropped"
+        else:
+            what = (f"only junk: {parsed.num_skipped} entries skipped, {num_junk} junk images (pid -1) "
+                    f"dropped; e.g. {'; '.join(parsed.skipped_examples)}")
         raise DatasetLayoutError(
-            f"no image under {str(dataset_dir)!r} could be parsed with layout {chosen.name!r} "
-            f"({parsed.num_skipped} entries skipped, {sum(parsed.junk_by_split.values())} junk "
-            f"dropped; e.g. {examples}). Layout {chosen.name!r} expects: {chosen.expects}"
+            f"nothing usable under {str(dataset_dir)!r}: no image could be parsed with layout "
+            f"{chosen.name!r} ({what}). Layout {chosen.name!r} expects: {chosen.expects}"
         )
 
     report = ManifestReport(
@@ -208,9 +257,17 @@ def build_manifest_with_report(
         num_junk=sum(parsed.junk_by_split.values()),
         junk_by_split={s: parsed.junk_by_split[s] for s in SPLITS if s in parsed.junk_by_split},
         images_checked=check_images,
+        external_links=external_links,
     )
 
-    records = parsed.records
+    records = _apply_link_policy(parsed.records, root_path, external_links, report)
+    if not records:
+        raise DatasetLayoutError(
+            f"every image under {str(dataset_dir)!r} is a symbolic link that resolves outside the data root "
+            f"{str(root_path)!r} or loops ({report.num_external_links} external, {report.num_symlink_loops} "
+            f"loops; e.g. {(report.external_link_examples + report.symlink_loop_examples)[:3]}); pass "
+            "external_links='keep' to follow links out of the root"
+        )
     if check_images:
         unique_paths = sorted({r[0] for r in records})
         bad_abs = find_bad_images((os.path.join(root_path, p) for p in unique_paths),
@@ -228,6 +285,16 @@ def build_manifest_with_report(
     df = _frame(records)
     report.num_images = {s: int((df["split"] == s).sum()) for s in SPLITS}
     report.warnings = _warnings(df, chosen.name)
+    if report.num_external_links:
+        verb = "left out" if external_links == "skip" else "kept (external_links='keep')"
+        report.warnings.append(
+            f"{report.num_external_links} images are symbolic links resolving outside the data root, "
+            f"{verb} (e.g. {report.external_link_examples[:3]})"
+        )
+    if report.num_symlink_loops:
+        report.warnings.append(
+            f"{report.num_symlink_loops} images are symlink loops, left out (e.g. {report.symlink_loop_examples[:3]})"
+        )
     if report.bad_images:
         report.warnings.append(
             f"{len(report.bad_images)} unreadable or truncated images left out "
@@ -243,13 +310,14 @@ def build_manifest(
     on_bad_image: OnBadImage = "error",
     *,
     read_image_size: bool = True,
+    external_links: ExternalLinks = "skip",
 ) -> pd.DataFrame:
     """Manifest DataFrame of the dataset under ``root``; the report is in ``df.attrs["report"]``.
 
     See :func:`build_manifest_with_report` for the arguments and errors.
     """
     df, report = build_manifest_with_report(
-        root, layout, check_images, on_bad_image, read_image_size=read_image_size
+        root, layout, check_images, on_bad_image, read_image_size=read_image_size, external_links=external_links
     )
     df.attrs["report"] = report.to_dict()
     return df

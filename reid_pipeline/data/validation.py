@@ -32,6 +32,16 @@ _JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND"
 _HEAD_BYTES = 32
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "a GIF image, which is not supported"),
+    (b"GIF89a", "a GIF image, which is not supported"),
+    (b"II*\x00", "a TIFF image, which is not supported"),
+    (b"MM\x00*", "a TIFF image, which is not supported"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"\x7fELF", "an executable"),
+)
 _TAIL_BYTES = 64
 
 
@@ -91,6 +101,20 @@ def check_image_file(path: str | os.PathLike, *, read_size: bool = True) -> str 
         return f"cannot be read ({exc.strerror or exc})"
 
 
+def _content_kind(head: bytes) -> str:
+    """A name for what a non-image file holds, from its magic bytes; never the bytes themselves."""
+    for magic, kind in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image, which is not supported"
+    if head[4:8] == b"ftyp":
+        return "an ISO media file (HEIC/AVIF/MP4), which is not supported"
+    if all(b in b"\t\n\r" or 32 <= b for b in head):
+        return "text content"
+    return "unrecognised binary content"
+
+
 def _check_open_file(fh: BinaryIO, read_size: bool) -> str | None:
     size = os.fstat(fh.fileno()).st_size
     if size == 0:
@@ -113,7 +137,8 @@ def _check_open_file(fh: BinaryIO, read_size: bool) -> str | None:
         if declared != size:
             return f"truncated BMP (header declares {declared} bytes, file has {size})"
     else:
-        return f"not a JPEG, PNG or BMP image (starts with {head[:8].hex(' ')})"
+        # Never echo the bytes: the file may be anything (a link to /etc/passwd, a key file).
+        return f"not a JPEG, PNG or BMP image ({_content_kind(head)})"
 
     if read_size:
         from PIL import Image, UnidentifiedImageError
@@ -122,6 +147,8 @@ def _check_open_file(fh: BinaryIO, read_size: bool) -> str | None:
         try:
             with Image.open(fh) as img:
                 width, height = img.size
+        except Image.DecompressionBombError as exc:
+            return f"decompression bomb refused ({exc})"
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             return f"image header cannot be parsed ({exc})"
         if width <= 0 or height <= 0:

@@ -11,19 +11,43 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_feature_tensor", "normalize", "pairwise_distance"]
+__all__ = ["as_feature_tensor", "check_chunk_size", "normalize", "pairwise_distance"]
+
+
+def check_chunk_size(value: Any, name: str = "chunk_size", *, optional: bool = False) -> int | None:
+    """``value`` as an int if it is a positive integer (``None`` too when ``optional``), else ``ValueError``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+    return int(value)
 
 
 def as_feature_tensor(x: Any, name: str = "features") -> torch.Tensor:
-    """Turn a numpy array or tensor of shape (N, D) into a floating tensor (no copy when possible)."""
+    """Turn a numpy array or tensor of shape (N, D), D >= 1, of real numbers into a floating tensor
+    (no copy when possible). Boolean, complex and object data are refused, as are scalars and
+    features of dimension 0."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.complexfloating) or not (
+            np.issubdtype(x.dtype, np.number)
+        ):
+            raise ValueError(f"{name} must hold real numbers, got a numpy array of dtype {x.dtype}")
+        if x.ndim == 0:  # np.ascontiguousarray would make it 1-D
+            raise ValueError(f"{name} must be 2-D (num_samples, dim), got a 0-d scalar")
     if isinstance(x, torch.Tensor):
         t = x.detach()
     elif isinstance(x, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(x)) if x.flags.writeable else torch.tensor(x)
     else:
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    if t.ndim == 0:
+        raise ValueError(f"{name} must be 2-D (num_samples, dim), got a 0-d scalar")
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_samples, dim), got shape {tuple(t.shape)}")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} have dimension 0 (shape {tuple(t.shape)}); expected at least one feature per sample")
     if not t.is_floating_point():
         t = t.float()
     elif t.dtype in (torch.float16, torch.bfloat16):
@@ -50,8 +74,7 @@ def pairwise_distance(
     The matrix is computed ``chunk_size`` query rows at a time on ``device`` (default: the device
     of ``q``), so the only full-size allocation is the float32 output.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
     qt = as_feature_tensor(q, "query features")
     gt = as_feature_tensor(g, "gallery features")
     if qt.shape[1] != gt.shape[1]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ._parallel import cpu_workers
+from .distance import check_chunk_size
 
 __all__ = ["evaluate_rank", "ReIDEvaluator", "NoValidQueryError"]
 
@@ -56,12 +57,16 @@ def _as_distance_tensor(distmat: Any) -> torch.Tensor:
     if isinstance(distmat, torch.Tensor):
         d = distmat.detach()
     elif isinstance(distmat, np.ndarray):
+        if distmat.dtype == np.bool_ or not np.issubdtype(distmat.dtype, np.number):
+            raise ValueError(f"distmat must hold real numbers, got a numpy array of dtype {distmat.dtype}")
         arr = distmat if distmat.dtype.isnative else distmat.astype(distmat.dtype.newbyteorder("="))
         with warnings.catch_warnings():  # read-only arrays are only read here
             warnings.simplefilter("ignore", UserWarning)
             d = torch.from_numpy(arr)
     else:
         raise TypeError(f"distmat must be a numpy array or a torch tensor, got {type(distmat).__name__}")
+    if d.ndim == 0:
+        raise ValueError("distmat must be 2-D (num_query, num_gallery), got a 0-d scalar")
     if d.ndim != 2:
         raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {tuple(d.shape)}")
     if d.dtype == torch.bool or d.is_complex():
@@ -174,6 +179,7 @@ def evaluate_rank(
         raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    chunk_size = check_chunk_size(chunk_size, optional=True)
     max_rank = int(min(max_rank, num_g))
     qp, gp = _encode_pair(qp, gp, "pids")
     qc, gc = _encode_pair(qc, gc, "camids")

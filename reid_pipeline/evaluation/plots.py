@@ -1,4 +1,4 @@
-"""Pictures of evaluation results: CMC curves and rank lists (PNG), without any GUI backend.
+"""Pictures of results: training curves, CMC curves and rank lists (PNG), without any GUI backend.
 
 Matplotlib is driven through its Agg canvas directly (no ``pyplot`` global state), so these
 functions are safe in worker processes and never change the caller's backend.
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..storage import atomic_write_bytes
 
-__all__ = ["plot_cmc", "plot_rank_list", "select_rank_list"]
+__all__ = ["plot_cmc", "plot_rank_list", "plot_training_history", "select_rank_list", "thumbnail_png"]
 
 MATCH_COLOR = (0, 170, 0)
 MISMATCH_COLOR = (220, 0, 0)
@@ -28,6 +28,61 @@ def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _save_figure(fig, out_path: str | os.PathLike | None) -> bytes | Path:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    data = buf.getvalue()
+    return data if out_path is None else atomic_write_bytes(out_path, data)
+
+
+def plot_training_history(
+    history: Sequence[Mapping[str, float]],
+    panels: Mapping[str, Sequence[str]],
+    out_path: str | os.PathLike | None = None,
+    title: str = "training",
+    log_scale: Sequence[str] = ("learning rate",),
+    dpi: int = 100,
+) -> bytes | Path:
+    """Per-epoch curves of a training history (the rows :func:`~reid_pipeline.training.loop.run_training`
+    returns), one panel per entry of ``panels`` (panel title -> history fields), e.g.
+    ``{"loss": ["loss"], "learning rate": ["lr"]}``. Returns PNG bytes or the written path.
+    """
+    if not history:
+        raise ValueError("no epochs to plot (the history is empty)")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.3 * len(panels), 3.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    epochs = [row["epoch"] for row in history]
+    for i, (name, fields) in enumerate(panels.items(), start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        for key in fields:
+            if key not in history[0]:
+                raise ValueError(f"history rows have no field {key!r} (fields: {sorted(history[0])})")
+            ax.plot(epochs, [row[key] for row in history], marker="o" if len(epochs) < 30 else None, markersize=3,
+                    label=key)
+        if name in log_scale:
+            ax.set_yscale("log")
+        ax.set_title(f"{title}: {name}" if i == 1 else name)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        if len(fields) > 1:
+            ax.legend(fontsize=8)
+    return _save_figure(fig, out_path)
+
+
+def thumbnail_png(path: str | os.PathLike, max_side: int = 320) -> bytes:
+    """A small PNG copy of an image file (for inline display; the full picture stays a path)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 def plot_cmc(
@@ -69,13 +124,7 @@ def plot_cmc(
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = buf.getvalue()
-    if out_path is None:
-        return data
-    return atomic_write_bytes(out_path, data)
+    return _save_figure(fig, out_path)
 
 
 def select_rank_list(

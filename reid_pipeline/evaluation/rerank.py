@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ._parallel import Workers, cpu_workers
-from .distance import as_feature_tensor
+from .distance import as_feature_tensor, check_chunk_size
 
 __all__ = ["re_ranking"]
 
@@ -485,10 +485,8 @@ def re_ranking(
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
     if not 0.0 <= float(lambda_value) <= 1.0:
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value!r}")
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if query_chunk is not None and query_chunk < 1:
-        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    block_size = check_chunk_size(block_size, "block_size", optional=True)
+    query_chunk = check_chunk_size(query_chunk, "query_chunk", optional=True)
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     qt = as_feature_tensor(q_feats, "query features")
@@ -554,7 +552,7 @@ def _re_ranking(
         return cols, w / wsum.index_select(0, er), torch.bincount(er, minlength=r_end - r0)
 
     v_ptr, v_cols, v_vals = _csr(workers.map(encode, _chunks(n, chunk)), n, dev)
-    del m1, mh, r1, rh
+    m1 = mh = r1 = rh = None  # free the neighbour sets (the closures above are done with them)
     clock.lap("encoding")
 
     # 3. local query expansion: V_qe[i] = mean of V over i's k2 nearest neighbours
@@ -573,7 +571,7 @@ def _re_ranking(
             return (ukeys - rr * n).to(torch.int32), vals, torch.bincount(rr, minlength=r_end - r0)
 
         v_ptr, v_cols, v_vals = _csr(workers.map(expand, _chunks(n, chunk)), n, dev)
-    del top_v, top_i, scratch
+    top_v = top_i = scratch = None  # free the k-NN lists and the scratch buffers
     clock.lap("query_expansion")
 
     # 4. inverted index over the gallery rows of V_qe, padded into a few tables

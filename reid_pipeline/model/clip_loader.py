@@ -6,14 +6,14 @@
 * :func:`adapt_visual` — ViT: positional embedding resized bilinearly with the class token kept,
   optional overlapping patches (OLP, stride < patch); ModifiedResNet: attention-pool positional
   embedding resized, last stride 1.
-* :func:`build_tiny_clip` / :func:`save_clip_archive` — a small, seeded CLIP built with
-  ``clip.model.CLIP`` and saved as a TorchScript archive in OpenAI's format, so the demo and the
-  tests run the real loading code without a network.
+* :func:`save_clip_archive` — save a ``clip.model.CLIP`` as a TorchScript archive in OpenAI's format,
+  which ``clip.load`` reads back (the embedded small CLIP of :mod:`reid_pipeline.embedded` uses it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
@@ -31,13 +31,14 @@ __all__ = [
     "ClipInfo",
     "MODEL_ALIASES",
     "import_clip",
+    "CHECKPOINT_SUFFIXES",
     "resolve_model_name",
+    "resolve_clip_source",
+    "cached_weights_path",
     "load_clip",
     "adapt_visual",
     "freeze",
-    "build_tiny_clip",
     "save_clip_archive",
-    "ensure_tiny_clip",
     "visual_grid",
 ]
 
@@ -88,9 +89,124 @@ class ClipInfo:
         return d
 
 
+#: Suffixes that make a CLIP weights value a file path rather than a model name.
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".jit", ".tar", ".zip")
+
+_PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
+
+
+def _normalise_name(text: str) -> str:
+    return re.sub(r"[\s\-_/@]", "", text.lower())
+
+
+def _name_table() -> dict[str, str]:
+    """Normalised spelling → openai-clip model name, for every released model and every alias."""
+    table = {_normalise_name(n): n for n in import_clip().available_models()}
+    table.update(MODEL_ALIASES)
+    return table
+
+
+def _known_names_text() -> str:
+    return f"known: {', '.join(import_clip().available_models())}; aliases: {', '.join(MODEL_ALIASES)}"
+
+
 def resolve_model_name(name_or_path: str) -> str:
-    """Map an alias (``vitb16``) to the openai-clip name (``ViT-B/16``); leave others unchanged."""
-    return MODEL_ALIASES.get(str(name_or_path).lower().replace("-", "").replace("/", ""), str(name_or_path))
+    """Map an alias (``vitb16``) or another spelling (``vit-b/16``) to the openai-clip name
+    (``ViT-B/16``); leave anything else unchanged."""
+    text = str(name_or_path)
+    return _name_table().get(_normalise_name(text), text)
+
+
+def resolve_clip_source(
+    spec: str | os.PathLike, base_dir: str | os.PathLike | None = None, *, must_exist: bool = True
+) -> str:
+    """Decide whether ``spec`` names an openai-clip model or a checkpoint file.
+
+    Returns the canonical model name (``"ViT-B/16"``) or the absolute path of the file. The rules:
+
+    1. A value starting with ``./``, ``../``, ``/`` or ``~`` is a path.
+    2. A known model name or alias in any spelling (``ViT-B/16``, ``vit-b/16``, ``vitb16``,
+       ``RN50``, ``rn50``) is a name, although it may contain ``/``.
+    3. A value ending in a checkpoint suffix (:data:`CHECKPOINT_SUFFIXES`), or that exists on disk,
+       is a path.
+    4. Anything else is an unknown model name (``ViT-Z/99``): :class:`ClipWeightsError` listing
+       the known names.
+
+    Relative paths are taken relative to ``base_dir`` (default: the current directory). With
+    ``must_exist`` (default) a path must be an existing file.
+
+    Raises:
+        ClipWeightsError: empty value, unknown model name, or (``must_exist``) no such file.
+    """
+    text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
+    text = text.strip()
+    if not text:
+        raise ClipWeightsError(f"CLIP weights: empty value; give a model name ({_known_names_text()}) or a checkpoint path")
+    base = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
+    candidate = Path(text).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    is_path = text.startswith(_PATH_PREFIXES)
+    if not is_path:
+        name = _name_table().get(_normalise_name(text))
+        if name is not None:
+            return name
+        is_path = text.lower().endswith(CHECKPOINT_SUFFIXES) or candidate.exists()
+    if not is_path:
+        raise ClipWeightsError(
+            f"CLIP weights {text!r}: unknown model name ({_known_names_text()}); for a checkpoint file give "
+            f"its path, e.g. ./{text.replace('/', '-')}.pt"
+        )
+    path = candidate.resolve()
+    if must_exist:
+        if path.is_dir():
+            raise ClipWeightsError(f"CLIP weights {text!r}: {path} is a directory, expected a checkpoint file")
+        if not path.is_file():
+            raise ClipWeightsError(
+                f"CLIP weights {text!r}: {path}: no such file (and {text!r} is not a model name; {_known_names_text()})"
+            )
+    return str(path)
+
+
+def cached_weights_path(name: str, download_root: str | os.PathLike | None = None) -> Path:
+    """Where openai-clip keeps (and looks for) the released weights of model ``name``.
+
+    ``download_root`` defaults to ``~/.cache/clip``; the file name is the one openai-clip derives
+    from the release URL (``ViT-B/16`` → ``ViT-B-16.pt``).
+    """
+    canonical = resolve_model_name(name)
+    models = import_clip().clip._MODELS
+    if canonical not in models:
+        raise ClipWeightsError(f"CLIP weights {name!r}: unknown model name ({_known_names_text()})")
+    root = Path(download_root).expanduser() if download_root is not None else Path("~/.cache/clip").expanduser()
+    return root / os.path.basename(models[canonical])
+
+
+def _clean_message(exc: BaseException | str) -> str:
+    """A foreign error message fit to forward: ANSI codes stripped, torch's advice to load with
+    ``weights_only=False`` (which would run the file's code) replaced by the reason it refused."""
+    text = _ANSI_ESCAPE.sub("", str(exc))
+    if "weights_only" in text and "Weights only load failed" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s*Please use|\s*Check the documentation|$)", text, re.DOTALL)
+        detail = " ".join((m.group(1) if m else "").split()) or "unsupported content"
+        return (
+            f"it holds pickled Python objects besides tensors ({detail}); it is refused because unpickling "
+            "them could run arbitrary code — save model.state_dict() or a TorchScript archive instead"
+        )
+    text = " ".join(text.split())
+    return text if text else type(exc).__name__ if isinstance(exc, BaseException) else ""
+
+
+def _error_text(exc: BaseException) -> str:
+    cleaned = _clean_message(exc)
+    return f"{type(exc).__name__}: {cleaned}" if cleaned and cleaned != type(exc).__name__ else type(exc).__name__
+
+
+_TRUNCATED_ZIP = (
+    "a truncated or corrupt zip archive (torch.save / TorchScript format without its end-of-archive "
+    "record: probably cut short while copying or downloading)"
+)
 
 
 def _describe_file(path: Path) -> str:
@@ -100,18 +216,35 @@ def _describe_file(path: Path) -> str:
     if size == 0:
         kind = "an empty file"
     elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        kind = "a TorchScript archive" if any(n.endswith("constants.pkl") or "/code/" in n for n in names) else "a torch.save zip"
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            names = None
+        if names is None:
+            kind = _TRUNCATED_ZIP
+        elif any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            kind = "a TorchScript archive"
+        else:
+            kind = "a torch.save zip"
+    elif head[:4] == b"PK\x03\x04":
+        kind = _TRUNCATED_ZIP
     elif head[:1] == b"\x80":
         kind = "a legacy pickle file"
     elif len(head) >= 9 and head[8:9] == b"{":
         kind = "a safetensors file"
     elif head[:4] == b"\x89PNG" or head[:3] == b"\xff\xd8\xff":
         kind = "an image"
+    elif head.lstrip()[:1] in (b"<", b"{", b"["):
+        kind = "a text file (HTML/JSON/XML — an error page saved by a failed download?)"
     else:
-        kind = f"an unrecognised file (first bytes {head[:8]!r})"
+        kind = "an unrecognised file (not a zip archive, pickle, safetensors file or image)"
     return f"{kind} of {size} bytes"
+
+
+def _looks_corrupt(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(k in text for k in ("PytorchStreamReader", "zip archive", "central directory", "CRC", "EOF"))
 
 
 def _check_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
@@ -127,30 +260,44 @@ def _check_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def _clip_load(clip, name_or_path: str, download_root: str | None) -> tuple[nn.Module, Path]:
-    """Call ``clip.load(..., jit=False)``; fall back to ``build_model`` for plain state-dict zips."""
-    known = clip.available_models()
-    if name_or_path in known:
-        root = download_root or os.path.expanduser("~/.cache/clip")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                model, _ = clip.load(name_or_path, device="cpu", jit=False, download_root=root)
-        except (OSError, RuntimeError) as exc:
-            raise ClipWeightsError(
-                f"CLIP model {name_or_path!r} could not be loaded or downloaded into {root} ({exc}). "
-                "Without a network, pass the path of a local checkpoint file instead."
-            ) from exc
-        url = clip.clip._MODELS[name_or_path]
-        return model, Path(root) / os.path.basename(url)
-
-    path = Path(name_or_path)
-    if not path.is_file():
+def _load_named(clip, name: str, download_root: str | None, allow_download: bool) -> tuple[nn.Module, Path]:
+    """``clip.load(name)`` from the download root, downloading only when allowed."""
+    target = cached_weights_path(name, download_root)
+    url = clip.clip._MODELS[name]
+    where = (
+        f"copy OpenAI's released file {target.name} ({url}) to {target}, or pass download_root / the path "
+        "of a local checkpoint instead"
+    )
+    if not target.is_file() and not allow_download:
         raise ClipWeightsError(
-            f"CLIP weights {name_or_path!r}: no such file, and not a model name (known names: {', '.join(known)}; "
-            f"aliases: {', '.join(MODEL_ALIASES)})"
+            f"CLIP model {name!r}: its weights are not cached — {target} does not exist and downloads are "
+            f"off. To use it offline, {where}"
         )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(name, device="cpu", jit=False, download_root=str(target.parent))
+    except (OSError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if not target.is_file():
+            raise ClipWeightsError(
+                f"CLIP model {name!r}: its weights are not cached ({target} does not exist) and downloading them "
+                f"failed ({_error_text(exc)}). Without a network, {where}"
+            ) from exc
+        expected = url.split("/")[-2]
+        if file_sha256(target) != expected:
+            raise ClipWeightsError(
+                f"{target}: the cached weights of CLIP model {name!r} are truncated or corrupt (SHA-256 differs from "
+                f"OpenAI's {expected[:12]}…) and could not be replaced ({_error_text(exc)}); {where}"
+            ) from exc
+        raise ClipWeightsError(f"{target}: the cached weights of CLIP model {name!r} could not be loaded ({_error_text(exc)})") from exc
+    return model, target
+
+
+def _load_file(clip, path: Path) -> tuple[nn.Module, Path]:
+    """``clip.load(path)``; plain state-dict files are read with ``weights_only=True`` and built here."""
     what = _describe_file(path)
+    if what.startswith(_TRUNCATED_ZIP):
+        raise ClipWeightsError(f"{path}: {what}; copy or download the checkpoint again")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -163,26 +310,40 @@ def _clip_load(clip, name_or_path: str, download_root: str | None) -> tuple[nn.M
         except Exception:  # noqa: BLE001 - only used to describe the file
             keys = []
         raise ClipWeightsError(
-            f"{path}: {what} that is not OpenAI CLIP (missing {exc}); found keys like: {', '.join(keys)}"
+            f"{path}: {what} that is not OpenAI CLIP (missing {_clean_message(exc)}); found keys like: {', '.join(keys)}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - clip.load raises many kinds; we re-raise with context
         first_error = exc
     # clip.load's state-dict fallback re-reads a consumed file object; read plain state dicts ourselves.
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) or what.startswith("a legacy pickle"):
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise ClipWeightsError(f"{path}: {what} that could not be read as CLIP weights ({exc})") from exc
+            if _looks_corrupt(exc):
+                raise ClipWeightsError(f"{path}: {what} that is truncated or corrupt ({_error_text(exc)})") from exc
+            raise ClipWeightsError(f"{path}: {what} that could not be read as CLIP weights: {_clean_message(exc)}") from exc
         state = _check_state_dict(path, state)
         try:
             model = clip.model.build_model(dict(state)).float()
         except Exception as exc:  # noqa: BLE001
-            raise ClipWeightsError(f"{path}: CLIP state dict with unexpected shapes ({exc})") from exc
+            raise ClipWeightsError(f"{path}: CLIP state dict with unexpected shapes ({_error_text(exc)})") from exc
         return model, path
     raise ClipWeightsError(
         f"{path}: {what}; expected an OpenAI CLIP checkpoint (TorchScript archive or state-dict zip) "
-        f"— clip.load said: {type(first_error).__name__}: {first_error}"
+        f"— clip.load said: {_error_text(first_error)}"
     ) from first_error
+
+
+def _clip_load(
+    clip, name_or_path: str, download_root: str | None, allow_download: bool = True
+) -> tuple[nn.Module, Path]:
+    """Load a model name (through the download root) or a checkpoint file."""
+    source = resolve_clip_source(name_or_path)
+    if source in clip.available_models():
+        return _load_named(clip, source, download_root, allow_download)
+    return _load_file(clip, Path(source))
 
 
 def visual_grid(input_size: tuple[int, int], patch: int, stride: int) -> tuple[int, int]:
@@ -265,14 +426,18 @@ def load_clip(
     stride: int | None = None,
     download_root: str | None = None,
     frozen: bool = True,
+    allow_download: bool = True,
 ) -> tuple[nn.Module, ClipInfo]:
     """Load CLIP on the CPU in fp32 through ``clip.load(name_or_path, jit=False)`` and adapt it.
 
+    ``name_or_path`` is read by :func:`resolve_clip_source` (a model name such as ``ViT-B/16`` or a
+    checkpoint path). A name's weights come from ``download_root`` (default ``~/.cache/clip``);
+    when they are not there openai-clip downloads them, unless ``allow_download=False``.
     Returns ``(model, info)``; all parameters frozen unless ``frozen=False``.
     """
     clip = import_clip()
-    name = resolve_model_name(str(name_or_path))
-    model, source = _clip_load(clip, name, download_root)
+    name = resolve_clip_source(name_or_path)
+    model, source = _clip_load(clip, name, download_root, allow_download)
     model = model.float()
     arch = "vit" if hasattr(model.visual, "class_embedding") else "resnet"
     patch = model.visual.conv1.kernel_size[0] if arch == "vit" else None
@@ -298,32 +463,7 @@ def load_clip(
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded small CLIP
-
-
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    # heads are derived by clip.model.build_model as width // 64, so widths are multiples of 64.
-    "vit": dict(embed_dim=128, image_resolution=224, vision_layers=2, vision_width=256, vision_patch_size=16,
-                context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
-                transformer_layers=2),
-    "resnet": dict(embed_dim=128, image_resolution=224, vision_layers=(1, 1, 1, 1), vision_width=16,
-                   vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=128,
-                   transformer_heads=2, transformer_layers=2),
-}
-
-
-def build_tiny_clip(arch: str = "vit", seed: int = 0) -> nn.Module:
-    """A small randomly initialised (seeded) ``clip.model.CLIP`` in OpenAI's architecture."""
-    if arch not in TINY_CONFIGS:
-        raise ValueError(f"arch must be one of {sorted(TINY_CONFIGS)}, got {arch!r}")
-    clip = import_clip()
-    cpu_state = torch.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = clip.model.CLIP(**TINY_CONFIGS[arch])
-    finally:
-        torch.set_rng_state(cpu_state)
-    return model.float().eval()
+# Saving a CLIP in OpenAI's format
 
 
 class _ClipForward(nn.Module):
@@ -358,11 +498,3 @@ def save_clip_archive(model: nn.Module, path: str | os.PathLike) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(traced, buf)
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def ensure_tiny_clip(path: str | os.PathLike, arch: str = "vit", seed: int = 0) -> Path:
-    """Build and save the embedded small CLIP at ``path`` unless it is already there."""
-    path = Path(path)
-    if not path.is_file():
-        save_clip_archive(build_tiny_clip(arch, seed), path)
-    return path

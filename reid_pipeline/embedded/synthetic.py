@@ -18,12 +18,16 @@ at least two cameras with at least two images each, and one image per camera is 
 Market chose them), the rest gallery. The gallery also holds distractors (pid ``0000``: people
 outside the test set) and junk (pid ``-1``: background or body-part fragments).
 
+Captions: ``captions.jsonl`` describes every image in words from the attributes drawn (colours,
+pattern, sleeves, trousers/shorts/skirt, bag, hair or cap, shoes, view) with synonyms and varied word
+order (:mod:`reid_pipeline.embedded.captions`) — the pre-training data of the embedded small CLIP.
+
 Determinism: the same arguments give byte-identical files (numpy ``Generator`` seeded per
 identity, camera and image through ``SeedSequence``; fixed JPEG quality and settings).
 
 Command line::
 
-    python -m reid_pipeline.data.synthetic OUT [--size small] [--ids N] [--seed S] ...
+    python -m reid_pipeline.embedded.synthetic OUT [--size small] [--ids N] [--seed S] ...
 """
 
 from __future__ import annotations
@@ -35,22 +39,29 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from reid_pipeline.embedded.captions import describe
+
 __all__ = [
+    "CAPTIONS_FILE",
     "PRESETS",
     "SyntheticDatasetInfo",
     "generate_synthetic_dataset",
     "main",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 INFO_FILE = "synthetic.json"
+#: one JSON object a line: ``image`` (path relative to the root), ``caption``, ``pid``, ``camid``
+#: (0-based), ``split``, ``shows`` (the view, or ``fragment``/``background`` for junk), ``attributes``.
+CAPTIONS_FILE = "captions.jsonl"
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 #: Named sizes: arguments of :func:`generate_synthetic_dataset`. ``small`` is the default.
@@ -71,10 +82,16 @@ _CLOTHES: list[tuple[Color, float]] = [
     ((220, 190, 40), 0.8), ((230, 120, 40), 0.7), ((230, 140, 170), 0.8), ((110, 60, 140), 0.7),
     ((200, 180, 140), 1.5), ((110, 75, 45), 1.5),
 ]
+_CLOTHES_NAMES = ("black", "dark grey", "grey", "light grey", "white", "navy", "blue", "light blue",
+                  "red", "maroon", "green", "olive", "yellow", "orange", "pink", "purple", "beige",
+                  "brown")
 _SKIN: list[Color] = [(250, 215, 185), (235, 190, 155), (210, 160, 120), (175, 125, 90),
                       (135, 90, 60), (95, 65, 45)]
 _HAIR: list[Color] = [(20, 18, 16), (45, 30, 20), (90, 60, 35), (200, 170, 110),
                       (150, 150, 150), (130, 60, 30)]
+_HAIR_NAMES = ("black", "dark brown", "brown", "blond", "grey", "red")
+_SHOES: list[Color] = [(20, 20, 20), (240, 240, 240), (110, 70, 40), (60, 60, 70)]
+_SHOES_NAMES = ("black", "white", "brown", "dark grey")
 _PATTERNS = ("solid", "hstripes", "vstripes", "checks", "twotone", "logo")
 _PATTERN_P = (0.40, 0.16, 0.08, 0.10, 0.12, 0.14)
 _BOTTOMS = ("trousers", "shorts", "skirt")
@@ -106,6 +123,16 @@ class _Identity:
     bag_color: Color
     height: float
     width: float
+    #: names of the drawn colours (keys of :data:`.captions.COLOUR_WORDS`), for the captions
+    names: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def attributes(self) -> dict[str, Any]:
+        """What a caption may say about this person (see :func:`.captions.describe`)."""
+        n = self.names
+        return {"top": n["top"], "top2": n["top2"], "pattern": self.pattern,
+                "long_sleeves": self.long_sleeves, "bottom": n["bottom"], "bottom_type": self.bottom_type,
+                "bag": self.bag, "bag_colour": n["bag"], "hairstyle": self.hairstyle, "hair": n["hair"],
+                "cap": n["cap"], "shoes": n["shoes"]}
 
 
 @dataclass(frozen=True)
@@ -187,10 +214,15 @@ def _jitter(rng: np.random.Generator, c: Color, amount: int = 14) -> Color:
                                          0, 255))  # type: ignore[return-value]
 
 
-def _clothes_colour(rng: np.random.Generator) -> Color:
+def _clothes_pick(rng: np.random.Generator) -> tuple[Color, str]:
+    """A jittered palette colour and its name."""
     weights = np.array([w for _, w in _CLOTHES])
     idx = int(rng.choice(len(_CLOTHES), p=weights / weights.sum()))
-    return _jitter(rng, _CLOTHES[idx][0])
+    return _jitter(rng, _CLOTHES[idx][0]), _CLOTHES_NAMES[idx]
+
+
+def _clothes_colour(rng: np.random.Generator) -> Color:
+    return _clothes_pick(rng)[0]
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str], p: Sequence[float]) -> str:
@@ -198,28 +230,33 @@ def _pick(rng: np.random.Generator, options: Sequence[str], p: Sequence[float]) 
 
 
 def _random_identity(rng: np.random.Generator) -> _Identity:
-    top = _clothes_colour(rng)
-    top2 = _clothes_colour(rng)
+    # The draws happen in a fixed order (the images of a seed do not depend on the captions).
+    top, top_name = _clothes_pick(rng)
+    top2, top2_name = _clothes_pick(rng)
     while sum(abs(a - b) for a, b in zip(top, top2)) < 90:  # a visible second colour
-        top2 = _clothes_colour(rng)
+        top2, top2_name = _clothes_pick(rng)
+    skin = _jitter(rng, _SKIN[int(rng.integers(len(_SKIN)))], 8)
+    hair_idx = int(rng.integers(len(_HAIR)))
+    hair = _jitter(rng, _HAIR[hair_idx], 10)
+    hairstyle = _pick(rng, _HAIRSTYLES, _HAIR_P)
+    cap, cap_name = _clothes_pick(rng)
+    pattern = _pick(rng, _PATTERNS, _PATTERN_P)
+    period = int(rng.integers(6, 15))
+    long_sleeves = bool(rng.random() < 0.55)
+    bottom, bottom_name = _clothes_pick(rng)
+    bottom_type = _pick(rng, _BOTTOMS, _BOTTOM_P)
+    shoes_idx = int(rng.integers(len(_SHOES)))
+    shoes = _jitter(rng, _SHOES[shoes_idx], 10)
+    bag = _pick(rng, _BAGS, _BAG_P)
+    bag_color, bag_name = _clothes_pick(rng)
     return _Identity(
-        skin=_jitter(rng, _SKIN[int(rng.integers(len(_SKIN)))], 8),
-        hair=_jitter(rng, _HAIR[int(rng.integers(len(_HAIR)))], 10),
-        hairstyle=_pick(rng, _HAIRSTYLES, _HAIR_P),
-        cap=_clothes_colour(rng),
-        top=top,
-        top2=top2,
-        pattern=_pick(rng, _PATTERNS, _PATTERN_P),
-        period=int(rng.integers(6, 15)),
-        long_sleeves=bool(rng.random() < 0.55),
-        bottom=_clothes_colour(rng),
-        bottom_type=_pick(rng, _BOTTOMS, _BOTTOM_P),
-        shoes=_jitter(rng, [(20, 20, 20), (240, 240, 240), (110, 70, 40), (60, 60, 70)]
-                      [int(rng.integers(4))], 10),
-        bag=_pick(rng, _BAGS, _BAG_P),
-        bag_color=_clothes_colour(rng),
+        skin=skin, hair=hair, hairstyle=hairstyle, cap=cap, top=top, top2=top2, pattern=pattern,
+        period=period, long_sleeves=long_sleeves, bottom=bottom, bottom_type=bottom_type,
+        shoes=shoes, bag=bag, bag_color=bag_color,
         height=float(rng.uniform(0.84, 1.0)),
         width=float(rng.uniform(0.8, 1.25)),
+        names={"top": top_name, "top2": top2_name, "hair": _HAIR_NAMES[hair_idx], "cap": cap_name,
+               "bottom": bottom_name, "shoes": _SHOES_NAMES[shoes_idx], "bag": bag_name},
     )
 
 
@@ -311,7 +348,7 @@ def _texture(ident: _Identity, view: str, w: int, h: int, torso_box: tuple[float
 
 def _limb(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float],
           width: float, color: Color) -> None:
-    draw.line([a, b], fill=color + (255,), width=max(1, int(round(width))))
+    draw.line([a, b], fill=color + (255,), width=max(1, round(width)))
     r = width / 2
     for (x, y) in (a, b):
         draw.ellipse([x - r, y - r, x + r, y + r], fill=color + (255,))
@@ -348,7 +385,7 @@ def _draw_person(ident: _Identity, view: str, rng: np.random.Generator, w: int, 
     # legs and lower body
     hip_l, hip_r = (cx - hw / 4, hip_y), (cx + hw / 4, hip_y)
     foot_l, foot_r = (cx - hw / 4 - stride / 2, foot), (cx + hw / 4 + stride / 2, foot)
-    knee = lambda hp, ft: ((hp[0] + ft[0]) / 2, (hp[1] + ft[1]) / 2)  # noqa: E731
+    knee = lambda hp, ft: ((hp[0] + ft[0]) / 2, (hp[1] + ft[1]) / 2)
     for hp, ft in ((hip_l, foot_l), (hip_r, foot_r)):
         kn = knee(hp, ft)
         if ident.bottom_type == "trousers":
@@ -499,8 +536,12 @@ def _occlude(canvas: Image.Image, rng: np.random.Generator, seed: int, w: int, h
 
 
 def _render(spec: _Spec, ident: _Identity, cam: _Camera, seed: int, w: int, h: int,
-            textures: dict[str, Image.Image]) -> Image.Image:
-    """Draw one image at twice the output size and finish it at ``w`` × ``h``."""
+            textures: dict[str, Image.Image]) -> tuple[Image.Image, str]:
+    """Draw one image at twice the output size and finish it at ``w`` × ``h``.
+
+    Returns the image and what it shows: the person's view (``front``/``back``/``side``), or for
+    junk ``fragment`` (part of someone) or ``background``.
+    """
     cw, ch = 2 * w, 2 * h
     rng = _rng(seed, 7, spec.pid + 1, spec.cam, spec.frame)
     canvas = _background(cam, rng, cw, ch)
@@ -511,7 +552,8 @@ def _render(spec: _Spec, ident: _Identity, cam: _Camera, seed: int, w: int, h: i
             layer = _affine(layer, float(rng.uniform(1.8, 3.0)), 0.0,
                             float(rng.uniform(-0.4, 0.4)) * cw, float(rng.uniform(-0.9, 0.9)) * ch)
             canvas.paste(layer, (0, 0), layer)
-        return _finish(canvas, cam, rng, w, h)
+            return _finish(canvas, cam, rng, w, h), "fragment"
+        return _finish(canvas, cam, rng, w, h), "background"
     view = _VIEWS[int(rng.choice(3, p=np.asarray(cam.view_p)))]
     layer = _draw_person(ident, view, rng, cw, ch, textures)
     if rng.random() < cam.mirror_p:
@@ -524,7 +566,22 @@ def _render(spec: _Spec, ident: _Identity, cam: _Camera, seed: int, w: int, h: i
     canvas.paste(layer, (0, 0), layer)
     if rng.random() < cam.occlusion_p:
         _occlude(canvas, rng, seed, cw, ch)
-    return _finish(canvas, cam, rng, w, h)
+    return _finish(canvas, cam, rng, w, h), view
+
+
+_JUNK_CAPTIONS = {
+    "background": ("an empty street", "a street scene with nobody in it", "background with no person"),
+    "fragment": ("a close-up of part of a person", "a cropped fragment of a pedestrian",
+                 "part of someone's body"),
+}
+
+
+def _caption(spec: _Spec, ident: _Identity, shows: str, seed: int) -> str:
+    rng = _rng(seed, 29, spec.pid + 1, spec.cam, spec.frame)
+    if shows in _JUNK_CAPTIONS:
+        options = _JUNK_CAPTIONS[shows]
+        return options[int(rng.integers(len(options)))]
+    return describe(ident.attributes(), shows, rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,7 +646,7 @@ def _same_dataset(out: Path, payload: dict[str, Any], num_images: dict[str, int]
             return False
         if count != num_images[split]:
             return False
-    return True
+    return not payload["parameters"].get("captions") or (out / CAPTIONS_FILE).is_file()
 
 
 def _validate(num_ids: int, images_per_id: int, num_cameras: int, height: int, width: int,
@@ -625,6 +682,7 @@ def generate_synthetic_dataset(
     jpeg_quality: int = 90,
     overwrite: bool = False,
     skip_existing: bool = False,
+    captions: bool = True,
 ) -> SyntheticDatasetInfo:
     """Write a synthetic Market-1501-style dataset to ``out``.
 
@@ -647,6 +705,8 @@ def generate_synthetic_dataset(
         skip_existing: if ``out`` already holds the dataset these arguments describe (its
             ``synthetic.json`` matches and every split folder has the planned number of files),
             write nothing and return its info with ``reused=True``.
+        captions: also write ``captions.jsonl`` (see :data:`CAPTIONS_FILE`): one caption per image
+            describing what was drawn (:func:`reid_pipeline.embedded.captions.describe`).
 
     Returns:
         A :class:`SyntheticDatasetInfo`, also written to ``out/synthetic.json``.
@@ -677,7 +737,7 @@ def generate_synthetic_dataset(
         train_pids=train, test_pids=test, num_images=num_images,
         num_identities=num_identities, num_junk=num_junk, num_distractors=num_distractors,
         parameters={"num_ids": num_ids, "images_per_id": images_per_id,
-                    "jpeg_quality": jpeg_quality},
+                    "jpeg_quality": jpeg_quality, "captions": bool(captions)},
     )
     payload = info.to_dict()
     for volatile in ("seconds", "root", "reused"):
@@ -706,6 +766,7 @@ def generate_synthetic_dataset(
             (tmp / folder).mkdir(parents=True)
         current_pid, current = -2, None
         current_tex: dict[str, Image.Image] = {}
+        lines: list[str] = []
         for spec in specs:
             if spec.kind == "id":  # planned contiguously per pid: one identity + texture cache
                 if spec.pid != current_pid:
@@ -717,21 +778,31 @@ def generate_synthetic_dataset(
                 ident, tex = _random_identity(_rng(seed, 13, spec.index)), {}
             else:
                 ident, tex = _random_identity(_rng(seed, 19, spec.index)), {}
-            img = _render(spec, ident, cameras[spec.cam], seed, width, height, tex)
-            img.save(tmp / SPLIT_FOLDERS[spec.split] / spec.filename, "JPEG", quality=jpeg_quality,
-                     subsampling=0, optimize=False, progressive=False)
+            img, shows = _render(spec, ident, cameras[spec.cam], seed, width, height, tex)
+            rel = f"{SPLIT_FOLDERS[spec.split]}/{spec.filename}"
+            img.save(tmp / rel, "JPEG", quality=jpeg_quality, subsampling=0, optimize=False,
+                     progressive=False)
+            if captions:
+                lines.append(json.dumps({
+                    "image": rel, "caption": _caption(spec, ident, shows, seed), "pid": spec.pid,
+                    "camid": spec.cam - 1, "split": spec.split, "shows": shows,
+                    "attributes": ident.attributes() if spec.kind != "junk" else None,
+                }, sort_keys=True))
+        if captions:
+            (tmp / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
         (tmp / INFO_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
         if not out.exists():
             os.replace(tmp, out)
         else:
-            for folder in list(SPLIT_FOLDERS.values()) + [INFO_FILE]:
+            for folder in list(SPLIT_FOLDERS.values()) + [INFO_FILE, CAPTIONS_FILE]:
                 target = out / folder
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-                os.replace(tmp / folder, target)
+                if (tmp / folder).exists():
+                    os.replace(tmp / folder, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -744,7 +815,7 @@ def generate_synthetic_dataset(
 # ----------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m reid_pipeline.data.synthetic",
+        prog="python -m reid_pipeline.embedded.synthetic",
         description="Write a deterministic synthetic person re-id dataset in the Market-1501 layout.",
     )
     p.add_argument("out", help="dataset root to create")

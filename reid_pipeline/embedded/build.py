@@ -1,0 +1,100 @@
+"""Build the embedded default under ``data/embedded`` when absent.
+
+* ``synthetic`` (the demo) and ``synthetic-ci`` (the CI preset): synthetic Market-1501-style datasets;
+* ``pretrain-captions``: captioned synthetic people whose identities are disjoint from both (another
+  seed, other cameras), the pre-training data of the small CLIP;
+* ``tiny_clip_vit.pt``: the small CLIP (:func:`.tiny_clip.build_tiny_clip`) pre-trained contrastively on
+  ``pretrain-captions`` (:func:`reid_pipeline.training.clip_pretrain.pretrain_clip_folder`), saved in
+  OpenAI's TorchScript format, which ``clip.load(path)`` reads; its run summary is in ``….pt.json``.
+
+``python -m reid_pipeline.embedded [--root data/embedded]`` — idempotent and deterministic: a dataset
+is regenerated only when its ``synthetic.json`` does not match the arguments, the CLIP only when it is
+absent or its sidecar records another pre-training recipe. Every item is written to a temporary file or
+folder and moved into place, so an interrupted build is redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from reid_pipeline.device import resolve_device
+from reid_pipeline.embedded.synthetic import generate_synthetic_dataset
+from reid_pipeline.embedded.tiny_clip import build_tiny_clip
+from reid_pipeline.storage import read_json
+from reid_pipeline.training.clip_pretrain import PretrainConfig, pretrain_clip_folder
+
+__all__ = [
+    "CLIP_FILE",
+    "DATASETS",
+    "PRETRAIN_CONFIG",
+    "PRETRAIN_DATASET",
+    "build_embedded",
+    "ensure_dataset",
+    "ensure_pretrained_clip",
+    "main",
+]
+
+DATASETS: dict[str, dict[str, Any]] = {
+    # name: generator arguments. "synthetic" is the demo; "synthetic-ci" the CI preset.
+    "synthetic": {"num_ids": 80, "images_per_id": 8, "seed": 0},
+    "synthetic-ci": {"num_ids": 24, "images_per_id": 6, "seed": 1},
+}
+#: people never seen in the demo or CI sets (their own seed: other appearances and other cameras)
+PRETRAIN_DATASET: tuple[str, dict[str, Any]] = (
+    "pretrain-captions",
+    {"num_ids": 400, "images_per_id": 8, "num_cameras": 9, "seed": 1000, "num_distractors": 0, "num_junk": 0},
+)
+PRETRAIN_CONFIG = PretrainConfig(epochs=12, batch_size=128, lr=1e-3, input_size=(128, 64), seed=0)
+CLIP_FILE = "tiny_clip_vit.pt"
+CLIP_ARCH, CLIP_SEED = "vit", 0
+
+
+def ensure_dataset(root: Path, name: str, **kwargs: Any) -> Path:
+    """``root / name`` generated with ``kwargs`` unless it already holds exactly that dataset."""
+    target = Path(root) / name
+    generate_synthetic_dataset(target, skip_existing=True, overwrite=True, **kwargs)
+    return target
+
+
+def _recipe(data: Path, config: PretrainConfig) -> dict[str, Any]:
+    return {"arch": CLIP_ARCH, "init_seed": CLIP_SEED, "data": data.name, "data_args": PRETRAIN_DATASET[1],
+            "config": config.model_dump(mode="json")}
+
+
+def ensure_pretrained_clip(path: str | os.PathLike, data: Path, config: PretrainConfig = PRETRAIN_CONFIG,
+                           device: str = "auto", progress: bool = True) -> Path:
+    """The small CLIP pre-trained on ``data`` at ``path``, trained now unless its sidecar shows the same recipe."""
+    path = Path(path)
+    sidecar = Path(str(path) + ".json")
+    recipe = _recipe(data, config)
+    if path.is_file() and sidecar.is_file():
+        try:
+            if read_json(sidecar).get("recipe") == recipe:
+                return path
+        except (OSError, ValueError):
+            pass
+    model = build_tiny_clip(CLIP_ARCH, seed=CLIP_SEED)
+    pretrain_clip_folder(data, model, path, config, device_spec=resolve_device(device, "fp32"), progress=progress,
+                         extra_meta={"recipe": recipe})
+    return path
+
+
+def build_embedded(root: str | os.PathLike = "data/embedded", progress: bool = True) -> dict[str, Path]:
+    root = Path(root)
+    built = {name: ensure_dataset(root, name, **kw) for name, kw in DATASETS.items()}
+    name, kw = PRETRAIN_DATASET
+    built[name] = ensure_dataset(root, name, **kw)
+    built["clip"] = ensure_pretrained_clip(root / CLIP_FILE, built[name], progress=progress)
+    return built
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m reid_pipeline.embedded", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="data/embedded", help="where to build (default data/embedded)")
+    parser.add_argument("--no-progress", action="store_true", help="log epochs instead of a progress bar")
+    args = parser.parse_args(argv)
+    for name, path in build_embedded(args.root, progress=not args.no_progress).items():
+        print(f"embedded {name}: {path}")
