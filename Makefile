@@ -1,18 +1,19 @@
 # reid_pipeline — set-up and entry points. Everything runs from a fresh clone:
 #   make demo   create .venv, install, build the embedded data + small CLIP, materialise every asset
 #   make test   the same set-up, then the whole test suite
-#   make ui     the Dagster UI (dagster dev) on http://127.0.0.1:3000
+#   make ui     the Dagster UI (dg dev: webserver + daemon) on http://127.0.0.1:3000
+# `dg` (dagster-dg-cli, configured by pyproject's [tool.dg]) is the Dagster CLI used throughout.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DAGSTER := $(VENV)/bin/dagster
+DG := $(VENV)/bin/dg
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export PYTHONWARNINGS := ignore::UserWarning:clip.clip
 UI_PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: setup embedded demo test lint ui bench clean-artifacts
+.PHONY: setup embedded demo test lint ui bench clean-artifacts postgres
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +34,7 @@ embedded: setup
 # The observed sources (raw_dataset, clip_weights) are part of the selection so that the run records
 # their versions and the retrain sensor finds nothing new afterwards.
 demo: embedded
-	$(DAGSTER) asset materialize -m reid_pipeline.definitions --select 'raw_dataset*,clip_weights*' -c configs/demo.yaml
+	$(DG) launch --assets 'raw_dataset*,clip_weights*' -c configs/demo.yaml
 
 # Debian's headless Chromium for the browser test (Playwright drives it; `playwright install` is never run).
 CHROMIUM := /usr/bin/chromium
@@ -41,15 +42,26 @@ $(CHROMIUM):
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
+# Debian's PostgreSQL for the Postgres-instance test (it starts its own temporary server; no system
+# cluster is created, none is started).
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  set -e; apt-get update; \
+	  if [ ! -e /etc/postgresql-common/createcluster.conf ]; then \
+	    mkdir -p /etc/postgresql-common; echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.conf; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -o Dpkg::Options::=--force-confold postgresql; \
+	fi
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: embedded $(CHROMIUM) lint
+test: embedded $(CHROMIUM) postgres lint
+	$(DG) check defs
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # REID_RUN_CONFIG: the preset whose op config the retrain sensor applies to the runs it launches.
 ui: embedded
-	REID_RUN_CONFIG=$${REID_RUN_CONFIG:-configs/demo.yaml} $(DAGSTER) dev -m reid_pipeline.definitions -h 127.0.0.1 -p $(UI_PORT)
+	REID_RUN_CONFIG=$${REID_RUN_CONFIG:-configs/demo.yaml} $(DG) dev -h 127.0.0.1 -p $(UI_PORT)
 
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -11,6 +11,7 @@ from reid_pipeline.assets.data import dataset_manifest
 from reid_pipeline.assets.evaluation import evaluation_metrics, reid_features
 from reid_pipeline.assets.raw import clip_weights, raw_dataset
 from reid_pipeline.assets.training import prompt_checkpoint, visual_encoder
+from reid_pipeline.deploy import executor_from_env
 from reid_pipeline.jobs import reid_job
 from reid_pipeline.operations import patch_pool_wait, reap_dead_runs_sensor, reap_on_cli_start
 from reid_pipeline.resources import DEFAULT_CLIP_WEIGHTS, DEFAULT_DATA_ROOT, ArtifactIOManager, ReidSettings, TrainingDevice
@@ -39,5 +40,6 @@ defs = dg.Definitions(
     jobs=[reid_job],
     sensors=[retrain_sensor, reap_dead_runs_sensor],
     schedules=[nightly_retrain_schedule],
+    executor=executor_from_env(),  # REID_EXECUTOR: default (multiprocess) or k8s (reid_pipeline/deploy.py)
     resources={"reid": settings, "device": TrainingDevice(), "io_manager": ArtifactIOManager()},
 )

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import pytest
 
@@ -101,6 +101,8 @@ class DagsterDev:
     proc: subprocess.Popen | None = None
     known: dict[int, str] = field(default_factory=dict)
     initial_run: dict | None = None
+    #: The code location's name in the UI (``dagster dev -m`` names it after the module).
+    location: ClassVar[str] = LOCATION
 
     @property
     def url(self) -> str:
@@ -141,10 +143,9 @@ class DagsterDev:
 
     def start(self, timeout: float = 180) -> None:
         self.prepare()
-        dagster = str(Path(sys.executable).with_name("dagster"))
         log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(
-            [dagster, "dev", "-m", LOCATION, "-h", "127.0.0.1", "-p", str(self.port)],
+            self.command(),
             cwd=PROJECT_ROOT,
             env=self.env(),
             stdout=log,
@@ -155,6 +156,11 @@ class DagsterDev:
         log.close()
         atexit.register(self.stop)
         wait_until(self._location_loaded, timeout, f"dagster dev on {self.url} (log: {self.log_path})", interval=1)
+
+    def command(self) -> list[str]:
+        """The server's command line (run in the project root)."""
+        dagster = str(Path(sys.executable).with_name("dagster"))
+        return [dagster, "dev", "-m", LOCATION, "-h", "127.0.0.1", "-p", str(self.port)]
 
     def _location_loaded(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -170,7 +176,7 @@ class DagsterDev:
         for entry in entries:
             if entry["locationOrLoadError"] and entry["locationOrLoadError"]["__typename"] == "PythonError":
                 pytest.fail(f"code location failed to load: {entry['locationOrLoadError']['message']}")
-        return any(e["name"] == LOCATION and e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
+        return any(e["name"] == self.location and e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
 
     def log_tail(self, chars: int = 6000) -> str:
         try:
@@ -271,7 +277,7 @@ class DagsterDev:
             """,
             {
                 "params": {
-                    "selector": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "pipelineName": job},
+                    "selector": {"repositoryLocationName": self.location, "repositoryName": REPOSITORY, "pipelineName": job},
                     "runConfigData": run_config or {},
                     "mode": "default",
                 }
@@ -325,7 +331,7 @@ class DagsterDev:
         data = self.graphql(
             "query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename "
             "... on Sensor { sensorState { status } } } }",
-            {"s": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": sensor}},
+            {"s": {"repositoryLocationName": self.location, "repositoryName": REPOSITORY, "sensorName": sensor}},
         )["sensorOrError"]
         return data["sensorState"]["status"]
 
@@ -333,7 +339,7 @@ class DagsterDev:
         data = self.graphql(
             "query($s: SensorSelector!, $n: Int) { sensorOrError(sensorSelector: $s) { __typename "
             "... on Sensor { sensorState { ticks(limit: $n) { status timestamp endTimestamp runIds } } } } }",
-            {"s": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": sensor}, "n": limit},
+            {"s": {"repositoryLocationName": self.location, "repositoryName": REPOSITORY, "sensorName": sensor}, "n": limit},
         )["sensorOrError"]
         return data["sensorState"]["ticks"]
 
