@@ -47,7 +47,8 @@ PRETRAIN_DATASET: tuple[str, dict[str, Any]] = (
     "pretrain-captions",
     {"num_ids": 400, "images_per_id": 8, "num_cameras": 9, "seed": 1000, "num_distractors": 0, "num_junk": 0},
 )
-PRETRAIN_CONFIG = PretrainConfig(epochs=15, batch_size=64, instances_per_group=4, lr=2e-3, input_size=(128, 64), seed=0)
+# measured (2 shared CPU cores): ~5 min, loss 4.19 → 2.50, zero-shot image→caption top-1 0.33 (chance 0.026)
+PRETRAIN_CONFIG = PretrainConfig(epochs=15, batch_size=64, instances_per_group=4, lr=1e-3, input_size=(128, 64), seed=0)
 CLIP_FILE = "tiny_clip_vit.pt"
 CLIP_ARCH, CLIP_SEED = "vit-small", 0
 
