@@ -33,8 +33,12 @@ embedded: setup
 
 # The observed sources (raw_dataset, clip_weights) are part of the selection so that the run records
 # their versions and the retrain sensor finds nothing new afterwards.
+# It ends with a search: the top-5 gallery matches of one query image, and their picture.
 demo: embedded
 	$(DG) launch --assets 'raw_dataset*,clip_weights*' -c configs/demo.yaml
+	$(VENV)/bin/reid-search query --index "$$(ls -d artifacts/gallery_index/*/index | sort | tail -1)" \
+	  "$$(ls data/embedded/synthetic/query/* | sort | head -1)" --top-k 5 --png artifacts/demo_search.png
+	@echo "rank list of that query: artifacts/demo_search.png"
 
 # Debian's headless Chromium for the browser test (Playwright drives it; `playwright install` is never run).
 CHROMIUM := /usr/bin/chromium

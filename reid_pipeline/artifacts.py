@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reid_pipeline.storage import CheckpointError, read_json, write_json
 
@@ -29,6 +29,8 @@ __all__ = [
     "EncoderArtifact",
     "FeaturesArtifact",
     "MetricsArtifact",
+    "GalleryIndexArtifact",
+    "OnnxArtifact",
     "AnyArtifact",
     "load_descriptor",
 ]
@@ -81,6 +83,10 @@ class ManifestArtifact(Artifact):
     label_to_pid: list[int]
     num_cameras: int
 
+    def folder_path(self, rel: str | os.PathLike) -> Path:
+        """An image of the manifest (its ``path`` column is relative to the dataset root)."""
+        return Path(self.root) / rel
+
 
 class FrozenClipArtifact(Artifact):
     kind: Literal["frozen_clip"] = "frozen_clip"
@@ -126,12 +132,28 @@ class MetricsArtifact(Artifact):
     features: str
 
 
+class GalleryIndexArtifact(Artifact):
+    kind: Literal["gallery_index"] = "gallery_index"
+    index_dir: str = Field(description="what GalleryIndex.load / reid-search query --index read")
+    count: int
+    source: str = Field(description="the folder or split the gallery was built from")
+    encoder_weights: str
+    encoder_fingerprint: str
+
+
+class OnnxArtifact(Artifact):
+    kind: Literal["onnx_encoder"] = "onnx_encoder"
+    onnx: str
+    opset: int
+    encoder_weights: str
+    max_abs_diff: float
+    topk_identical: bool
+
+
 AnyArtifact = Union[
-    ManifestArtifact, FrozenClipArtifact, PromptArtifact, EncoderArtifact, FeaturesArtifact, MetricsArtifact
+    ManifestArtifact, FrozenClipArtifact, PromptArtifact, EncoderArtifact, FeaturesArtifact, MetricsArtifact,
+    GalleryIndexArtifact, OnnxArtifact,
 ]
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(
-    Union[ManifestArtifact, FrozenClipArtifact, PromptArtifact, EncoderArtifact, FeaturesArtifact, MetricsArtifact]
-)
 _KINDS = {m.model_fields["kind"].default: m for m in AnyArtifact.__args__}  # type: ignore[attr-defined]
 
 

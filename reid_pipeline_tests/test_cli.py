@@ -40,7 +40,8 @@ def test_definitions_validate(dagster_home):
     assert "Validation successful" in proc.stderr + proc.stdout
 
 
-ALL_ASSETS = ("dataset_manifest", "frozen_clip", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics")
+ALL_ASSETS = ("dataset_manifest", "frozen_clip", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics",
+              "gallery_index", "onnx_encoder")
 
 
 @pytest.mark.slow
@@ -97,6 +98,14 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
             record = instance.event_log_storage.get_latest_asset_check_execution_by_key([check_key])[check_key]
             assert record.status.value == "SUCCEEDED", key
 
+        # serving: the gallery index searches like the evaluation ranks (same features), the ONNX export is checked
+        index_meta = instance.get_latest_materialization_event(dg.AssetKey("gallery_index")).asset_materialization.metadata
+        onnx_meta = instance.get_latest_materialization_event(dg.AssetKey("onnx_encoder")).asset_materialization.metadata
+        assert onnx_meta["max_abs_diff"].value <= 1e-4 and onnx_meta["topk_identical"].value is True
+        assert Path(onnx_meta["onnx"].value).is_file()
+        features = instance.get_latest_materialization_event(dg.AssetKey("reid_features")).asset_materialization.metadata
+    _search_matches_the_evaluation(index_meta["index"].value, features["features"].value)
+
     # A blocking minimum-mAP check fails the run (non-zero exit); the earlier results stay on disk.
     proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "evaluation_metrics", "-c",
                  str(_ci_config(tmp_path, min_map=1.01))], dagster_home)
@@ -108,6 +117,23 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
             [dg.AssetCheckKey(dg.AssetKey("evaluation_metrics"), "minimum_map")]
         )[dg.AssetCheckKey(dg.AssetKey("evaluation_metrics"), "minimum_map")]
         assert check.status.value == "FAILED"
+
+
+def _search_matches_the_evaluation(index_dir: str, features_file: str) -> None:
+    """`reid-search query` on a query image returns the gallery ranking the evaluation saw for it."""
+    from reid_pipeline.evaluation import pairwise_distance
+    from reid_pipeline.storage import load_tensors
+
+    tensors, meta = load_tensors(features_file)
+    assert json.loads((Path(index_dir) / "index.json").read_text())["count"] == len(meta["gallery_paths"])
+    query = Path(meta["root"]) / meta["query_paths"][0]
+    proc = subprocess.run([str(Path(sys.executable).with_name("reid-search")), "query", "--index", index_dir, str(query),
+                           "--top-k", "5", "--json", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (hit,) = json.loads(proc.stdout)
+    dist = pairwise_distance(tensors["query"][:1], tensors["gallery"])[0]
+    expected = [meta["gallery_paths"][i] for i in dist.numpy().argsort(kind="stable")[:5]]
+    assert [Path(r["path"]).as_posix().endswith(e) for r, e in zip(hit["results"], expected)] == [True] * 5
 
 
 def test_materialize_failure_exits_non_zero(dagster_home, tmp_path):
