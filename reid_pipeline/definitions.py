@@ -10,6 +10,7 @@ from reid_pipeline.assets.backbone import frozen_clip
 from reid_pipeline.assets.data import dataset_manifest
 from reid_pipeline.assets.evaluation import evaluation_metrics, reid_features
 from reid_pipeline.assets.raw import clip_weights, raw_dataset
+from reid_pipeline.assets.serving import gallery_index, onnx_encoder
 from reid_pipeline.assets.training import prompt_checkpoint, visual_encoder
 from reid_pipeline.deploy import executor_from_env
 from reid_pipeline.jobs import reid_job
@@ -36,10 +37,12 @@ settings = ReidSettings(
 
 defs = dg.Definitions(
     assets=[raw_dataset, clip_weights, dataset_manifest, frozen_clip, prompt_checkpoint, visual_encoder,
-            reid_features, evaluation_metrics],
+            reid_features, evaluation_metrics, gallery_index, onnx_encoder],
     jobs=[reid_job],
     sensors=[retrain_sensor, reap_dead_runs_sensor],
     schedules=[nightly_retrain_schedule],
     executor=executor_from_env(),  # REID_EXECUTOR: default (multiprocess) or k8s (reid_pipeline/deploy.py)
-    resources={"reid": settings, "device": TrainingDevice(), "io_manager": ArtifactIOManager()},
+    resources={"reid": settings, "device": TrainingDevice(), "io_manager": ArtifactIOManager(),
+               # runs the torchrun launcher of the training assets (reid_pipeline.assets.launch)
+               "pipes_subprocess_client": dg.PipesSubprocessClient()},
 )
