@@ -100,6 +100,7 @@ def training_metadata(result: Any, device: str, extra: Mapping[str, Any] | None 
         "samples_per_s": float(result.samples_per_s),
         "last_epoch_lr": float(last.get("lr", float("nan"))),
         "precision": result.precision,
-        "device": device,
+        "device": getattr(result, "device", None) or device,  # a torchrun step: rank 0's device × ranks
+        "world_size": int(getattr(result, "world_size", 1)),
         **(extra or {}),
     }

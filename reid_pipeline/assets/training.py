@@ -12,8 +12,8 @@ import dagster as dg
 from pydantic import Field
 
 from reid_pipeline.artifacts import FrozenClipArtifact, ManifestArtifact, PromptArtifact
-from reid_pipeline.assets._common import OWNERS, Overrides, output_dir, picture_metadata, resume_state, training_metadata
-from reid_pipeline.pipeline import encoder_step, prompts_step
+from reid_pipeline.assets._common import OWNERS, output_dir, picture_metadata, resume_state, training_metadata
+from reid_pipeline.assets.launch import Launchable, run_encoder_step, run_prompts_step
 from reid_pipeline.pools import GPU_OP_TAGS, GPU_POOL
 from reid_pipeline.resources import ReidSettings, TrainingDevice
 from reid_pipeline.training.stage1 import Stage1Config
@@ -42,7 +42,7 @@ def _loss_check(context: dg.AssetExecutionContext, result) -> dg.AssetCheckResul
                                metadata={"first_epoch_loss": float(first), "last_epoch_loss": float(last)})
 
 
-class PromptCheckpointConfig(Overrides):
+class PromptCheckpointConfig(Launchable):
     """Stage-1 overrides; unset = the paper (120 epochs ViT / 60 RN50, batch 64, Adam 3.5e-4, 5 warm-up epochs)."""
 
     epochs: Optional[int] = Field(default=None, description="Default: 120 (ViT-B/16) or 60 (RN50), as the paper.")
@@ -62,12 +62,14 @@ class PromptCheckpointConfig(Overrides):
 @training_asset("prompt_checkpoint", code_version=STAGE1_CODE_VERSION,
                 description="Stage 1: class-specific prompt tokens learned against the frozen CLIP (SupCon i2t + t2i).")
 def prompt_checkpoint(context: dg.AssetExecutionContext, config: PromptCheckpointConfig, reid: ReidSettings,
-                      device: TrainingDevice, dataset_manifest: ManifestArtifact, frozen_clip: FrozenClipArtifact):
+                      device: TrainingDevice, pipes_subprocess_client: dg.PipesSubprocessClient,
+                      dataset_manifest: ManifestArtifact, frozen_clip: FrozenClipArtifact):
     spec, cfg = device.spec(), config.library_config(frozen_clip.clip.arch)
     with resume_state(context, reid, dataset_manifest.fingerprint, frozen_clip.clip.version,
                       cfg.model_dump(exclude={"checkpoint_every"}), spec.precision) as state:
-        artifact, result, report = prompts_step(dataset_manifest, frozen_clip, cfg, spec, output_dir(context, reid),
-                                                cache_dir=reid.image_cache_dir(), state_path=state, log=context.log.info)
+        artifact, result, report = run_prompts_step(context, config.launcher, pipes_subprocess_client,
+                                                    dataset_manifest, frozen_clip, cfg, spec, output_dir(context, reid),
+                                                    cache_dir=reid.image_cache_dir(), state_path=state, log=context.log.info)
     yield dg.Output(artifact, metadata={
         **training_metadata(result, spec.describe()), "tokens": dg.MetadataValue.path(artifact.tokens),
         "avg_positives_per_sample": float(result.avg_positives), "num_classes": artifact.num_classes,
@@ -77,7 +79,7 @@ def prompt_checkpoint(context: dg.AssetExecutionContext, config: PromptCheckpoin
     yield _loss_check(context, result)
 
 
-class VisualEncoderConfig(Overrides):
+class VisualEncoderConfig(Launchable):
     """Stage-2 overrides; unset = the paper (ViT-B/16: 60 epochs, lr 5e-6, steps [30, 50]; RN50: 120, 3.5e-4, [40, 70])."""
 
     epochs: Optional[int] = None
@@ -101,14 +103,15 @@ class VisualEncoderConfig(Overrides):
 @training_asset("visual_encoder", code_version=STAGE2_CODE_VERSION,
                 description="Stage 2: the image encoder fine-tuned with ID + triplet + image-to-text losses; BNNecks and classifiers.")
 def visual_encoder(context: dg.AssetExecutionContext, config: VisualEncoderConfig, reid: ReidSettings,
-                   device: TrainingDevice, dataset_manifest: ManifestArtifact, frozen_clip: FrozenClipArtifact,
-                   prompt_checkpoint: PromptArtifact):
+                   device: TrainingDevice, pipes_subprocess_client: dg.PipesSubprocessClient,
+                   dataset_manifest: ManifestArtifact, frozen_clip: FrozenClipArtifact, prompt_checkpoint: PromptArtifact):
     spec, cfg = device.spec(), config.library_config(frozen_clip)
     with resume_state(context, reid, dataset_manifest.fingerprint, frozen_clip.clip.version,
                       prompt_checkpoint.tokens, cfg.fingerprint(), spec.precision) as state:
-        artifact, result, report = encoder_step(dataset_manifest, frozen_clip, prompt_checkpoint, cfg, spec,
-                                                output_dir(context, reid), cache_dir=reid.image_cache_dir(),
-                                                state_path=state, log=context.log.info)
+        artifact, result, report = run_encoder_step(context, config.launcher, pipes_subprocess_client,
+                                                    dataset_manifest, frozen_clip, prompt_checkpoint, cfg, spec,
+                                                    output_dir(context, reid), cache_dir=reid.image_cache_dir(),
+                                                    state_path=state, log=context.log.info)
     yield dg.Output(artifact, metadata={
         **training_metadata(result, spec.describe()), "weights": dg.MetadataValue.path(artifact.weights),
         "final_accuracy": float(result.final_accuracy), "num_classes": artifact.num_classes,
