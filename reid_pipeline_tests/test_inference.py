@@ -337,3 +337,21 @@ def test_cli_index_query_export(encoder, ci_data, splits, tmp_path):
     proc = _cli("query", "--index", out, queries[0], "--model", onnx_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(f"query {queries[0]}") and len(proc.stdout.splitlines()) == 11
+
+
+def test_sie_encoder_takes_camera_ids_in_pytorch_and_onnx(encoder, splits, tmp_path):
+    clip_model, _ = load_clip(encoder["clip_path"], input_size=(256, 128))
+    sie = ReIDPredictor.from_model(ReIDModel(clip_model, 4, num_cameras=6, seed=1), device="cpu")
+    paths = splits["gallery"]["paths"][:6]
+    cams = splits["gallery"]["cams"][:6]
+    with pytest.raises(ValueError, match="camids"):
+        sie.extract(paths)
+    with pytest.raises(ValueError, match="out of range"):
+        sie.extract(paths, camids=[9] * 6)
+    feats = sie.extract(paths, camids=cams)
+    assert not torch.equal(feats, sie.extract(paths, camids=np.zeros(6, dtype=np.int64)))
+    report = export_onnx(sie, tmp_path / "sie.onnx", check_images=paths)
+    assert report["passed"]
+    onnx_sie = ReIDPredictor.load(tmp_path / "sie.onnx")
+    assert onnx_sie.num_cameras == 6
+    assert float((onnx_sie.extract(paths, camids=cams) - feats).abs().max()) <= 1e-4
