@@ -124,3 +124,43 @@ def test_env_vars_choose_data_and_weights(monkeypatch, tmp_path):
         monkeypatch.delenv("REID_DATA_ROOT")
         monkeypatch.delenv("REID_CLIP_WEIGHTS")
         importlib.reload(definitions)
+
+
+def test_evaluation_checks_can_fail(tmp_path):
+    """evaluation_metrics' checks see what they claim to: a query without a true match in the gallery fails
+    `every_query_has_a_match`, and `minimum_map` blocks below its threshold."""
+    import torch
+
+    from reid_pipeline.artifacts import FeaturesArtifact
+    from reid_pipeline.assets.evaluation import evaluation_metrics
+    from reid_pipeline.storage import save_tensors
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    q_pids, g_pids = torch.tensor([1, 2, 9]), torch.tensor([1, 1, 2, 2, 3])  # pid 9 has no match
+    tensors = {"query": torch.randn(3, 8, generator=g), "gallery": torch.randn(5, 8, generator=g),
+               "query_pids": q_pids, "gallery_pids": g_pids,
+               "query_camids": torch.zeros(3, dtype=torch.int64), "gallery_camids": torch.ones(5, dtype=torch.int64)}
+    tensors["baseline_query"], tensors["baseline_gallery"] = tensors["query"].clone(), tensors["gallery"].clone()
+    for name in ["q0.jpg", "q1.jpg", "q2.jpg", *[f"g{i}.jpg" for i in range(5)]]:
+        Image.new("RGB", (16, 32), (90, 90, 90)).save(tmp_path / name)
+    path = save_tensors(tmp_path / "features.safetensors", tensors, {
+        "root": str(tmp_path), "query_paths": ["q0.jpg", "q1.jpg", "q2.jpg"], "gallery_paths": [f"g{i}.jpg" for i in range(5)]})
+    artifact = FeaturesArtifact(artifact_dir=str(tmp_path), features=str(path), root=str(tmp_path),
+                                encoder_weights="w.safetensors", precision="fp32")
+
+    @dg.asset(name="reid_features")
+    def stub():
+        return artifact
+
+    resources = {"reid": ReidSettings(storage_dir=str(tmp_path / "store")), "device": TrainingDevice(device="cpu"),
+                 "io_manager": ArtifactIOManager()}
+    with dg.instance_for_test() as instance:
+        assert dg.materialize([stub], instance=instance, resources=resources).success
+        result = dg.materialize([stub, evaluation_metrics], selection=[evaluation_metrics], instance=instance,
+                                resources=resources, raise_on_error=False,
+                                run_config={"ops": {"evaluation_metrics": {"config": {"k1": 2, "k2": 1, "min_map": 1.01}}}})
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["every_query_has_a_match"].passed
+    assert checks["every_query_has_a_match"].metadata["queries_skipped"].value == 1
+    assert not checks["minimum_map"].passed and checks["metrics_in_range"].passed

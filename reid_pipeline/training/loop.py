@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -102,7 +102,6 @@ class LoopResult:
     samples_per_s: float
     iterations: int
     final_loss: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def loss_per_epoch(self) -> list[float]:
