@@ -71,8 +71,12 @@ def throughput(predictor: ReIDPredictor, imgs: list[np.ndarray], repeats: int) -
     return best
 
 
-def synthetic_gallery(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gallery, centers of identities) — unit rows, generated in chunks into one tensor."""
+def synthetic_gallery(
+    n: int, dim: int, seed: int = 0, spread: float = 0.8, noise: float = 0.6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gallery, centers of identities) — unit rows, generated in chunks into one tensor. ``spread``: how far
+    identities lie from their appearance group (larger = groups overlap, harder for IVF); ``noise``: images
+    around their identity."""
     gen = torch.Generator().manual_seed(seed)
     per_id, per_group = 8, 1000
     n_ids = max(1, n // per_id)
@@ -82,12 +86,12 @@ def synthetic_gallery(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, to
     for s in range(0, n_ids, 65536):
         e = min(n_ids, s + 65536)
         g = torch.randint(0, n_groups, (e - s,), generator=gen)
-        ids[s:e] = normalize(groups[g] + 0.8 * normalize(torch.randn(e - s, dim, generator=gen)))
+        ids[s:e] = normalize(groups[g] + spread * normalize(torch.randn(e - s, dim, generator=gen)))
     out = torch.empty(n, dim)
     for s in range(0, n, 65536):
         e = min(n, s + 65536)
         owner = torch.randint(0, n_ids, (e - s,), generator=gen)
-        out[s:e] = normalize(ids[owner] + 0.6 * normalize(torch.randn(e - s, dim, generator=gen)))
+        out[s:e] = normalize(ids[owner] + noise * normalize(torch.randn(e - s, dim, generator=gen)))
     return out, ids
 
 
@@ -98,13 +102,13 @@ def mem_available_gb() -> float:
     return 0.0
 
 
-def bench_search(n: int, dim: int, num_queries: int, ann_kind: str, seed: int) -> dict:
+def bench_search(n: int, dim: int, num_queries: int, ann_kind: str, seed: int, spread: float, noise: float) -> dict:
     t0 = time.perf_counter()
-    feats, ids = synthetic_gallery(n, dim, seed)
+    feats, ids = synthetic_gallery(n, dim, seed, spread, noise)
     gen = torch.Generator().manual_seed(seed + 1)
     n_tune = max(200, num_queries)  # nprobe is chosen on these, recall is reported on the others
     owner = torch.randint(0, ids.shape[0], (n_tune + num_queries,), generator=gen)
-    queries = normalize(ids[owner] + 0.6 * normalize(torch.randn(n_tune + num_queries, dim, generator=gen)))
+    queries = normalize(ids[owner] + noise * normalize(torch.randn(n_tune + num_queries, dim, generator=gen)))
     tune, test = queries[:n_tune], queries[n_tune:]
     index = GalleryIndex.from_features(feats, fingerprint="synthetic")
     del feats
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--ann", choices=["auto", "ivf_flat", "ivf_sq8"], default="auto")
     parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--spread", type=float, default=1.5, help="identities around their appearance group")
+    parser.add_argument("--noise", type=float, default=0.8, help="images around their identity")
     args = parser.parse_args(argv)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; encoder {args.arch}, "
@@ -169,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for n in (int(s) for s in args.sizes.split(",") if s):
-        rows.append(bench_search(n, args.dim, args.queries, args.ann, seed=0))
-    print(f"\n{'gallery':>9} {'exact ms':>9} {'faiss ms':>9} {'recall@10':>10} {'index':>9} {'nlist':>6} "
+        rows.append(bench_search(n, args.dim, args.queries, args.ann, 0, args.spread, args.noise))
+    print(f"\nsynthetic gallery: appearance groups of 1000, identities of ~8 (spread {args.spread}), "
+          f"image noise {args.noise}")
+    print(f"{'gallery':>9} {'exact ms':>9} {'faiss ms':>9} {'recall@10':>10} {'index':>9} {'nlist':>6} "
           f"{'nprobe':>7} {'build s':>8}")
     for r in rows:
         print(f"{r['n']:>9} {r['exact_ms']:>9.2f} {r['faiss_ms']:>9.2f} {r['recall']:>10.3f} {r['ann']:>9} "
