@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid_pipeline.evaluation import evaluate_rank, pairwise_distance  # noqa: E402
+from reid_pipeline.evaluation import evaluate_rank, pairwise_distance
 
 SCALES = {
     # name: (num_query, num_gallery, num_ids, num_cams)

@@ -58,20 +58,22 @@ def main() -> None:
     labels = torch.tensor(train.label.to_numpy())
     num_classes = int(labels.max()) + 1
     s1 = train_prompts(clip_model, feats, labels, num_classes, Stage1Config.paper("vit", epochs=args.stage1_epochs), spec)
-    rows.append(("stage 1", time.perf_counter() - t, f"loss {s1.loss_per_epoch[0]:.3f} -> {s1.final_loss:.3f}, {s1.samples_per_s:.0f} samples/s"))
+    rows.append(("stage 1", time.perf_counter() - t,
+                 f"loss {s1.loss_per_epoch[0]:.3f} -> {s1.final_loss:.3f}, {s1.samples_per_s:.0f} samples/s"))
 
     t = time.perf_counter()
     text_encoder = TextEncoder(clip_model).to(spec.device)
     with spec.autocast():
         text = encode_all_classes(s1.prompt_learner, text_encoder).float()
-    cfg = Stage2Config.paper("vit", max_epochs=args.stage2_epochs, base_lr=args.lr, warmup_epochs=2,
+    cfg = Stage2Config.paper("vit", epochs=args.stage2_epochs, lr=args.lr, warmup_epochs=2,
                              steps=[int(args.stage2_epochs * 0.7)], input_size=tuple(args.size))
     model = build_reid_model(clip_model.cpu(), num_classes, cfg)
     s2 = train_visual_encoder(model, text, caches["train"], train.label.to_numpy(), train.camid.to_numpy(), cfg, spec)
     losses = [h["loss"] for h in s2.history]
     finite = all(np.isfinite(losses))
     rows.append(("stage 2", time.perf_counter() - t,
-                 f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, finite {finite}, acc {s2.final_accuracy:.3f}, {s2.images_per_second:.0f} img/s"))
+                 f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, finite {finite}, acc {s2.final_accuracy:.3f}, "
+                 f"{s2.samples_per_s:.0f} img/s"))
 
     t = time.perf_counter()
     results = {}
@@ -90,7 +92,8 @@ def main() -> None:
     t_dev = time.perf_counter() - t
     rr_cpu = re_ranking(q, g, k1=k1, k2=6, device="cpu")
     same = np.array_equal(np.argsort(rr_dev, axis=1, kind="stable"), np.argsort(rr_cpu, axis=1, kind="stable"))
-    rows.append((f"re-ranking on {spec.device.type} vs cpu", t_dev, f"max |diff| {np.abs(rr_dev - rr_cpu).max():.2e}, same ranking {same}"))
+    rows.append((f"re-ranking on {spec.device.type} vs cpu", t_dev,
+                 f"max |diff| {np.abs(rr_dev - rr_cpu).max():.2e}, same ranking {same}"))
 
     print(f"{'step':<32}{'seconds':>9}  notes")
     for name, sec, note in rows:

@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid_pipeline.data.cache import ImageCache  # noqa: E402
-from reid_pipeline.data.sampler import PKSampler  # noqa: E402
-from reid_pipeline.data.transforms import TrainTransform  # noqa: E402
-from reid_pipeline_tests.reference_transforms import ReferenceTrainTransform  # noqa: E402
+from reid_pipeline.data.cache import ImageCache
+from reid_pipeline.data.sampler import PKSampler
+from reid_pipeline.data.transforms import TrainTransform
+from reid_pipeline_tests.reference_transforms import ReferenceTrainTransform
 
 
 def write_images(root: Path, n: int, ids: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -129,10 +129,10 @@ def clip_model_module():
     """openai-clip's ``clip.model`` (needs only torch); loaded from its file when the package's
     ``__init__`` cannot be imported (e.g. ftfy missing on a GPU image where clip was carried)."""
     try:
-        from reid_pipeline.model.clip_loader import import_clip  # noqa: PLC0415
+        from reid_pipeline.model.clip_loader import import_clip
 
         return import_clip().model
-    except Exception:  # noqa: BLE001 - fall back to the bare module file
+    except Exception:
         spec = importlib.util.find_spec("clip")
         if spec is None or not spec.submodule_search_locations:
             raise
@@ -145,9 +145,9 @@ def clip_model_module():
 
 def time_model(device: torch.device, batch: int, steps: int) -> float:
     """img/s of a ViT-B/16-sized ReIDModel, forward + backward + Adam, bf16 autocast."""
-    from reid_pipeline.model.clip_loader import adapt_visual  # noqa: PLC0415
-    from reid_pipeline.model.reid_model import ReIDModel  # noqa: PLC0415
-    from reid_pipeline.training.losses import Stage2Loss  # noqa: PLC0415
+    from reid_pipeline.model.clip_loader import adapt_visual
+    from reid_pipeline.model.reid_model import ReIDModel
+    from reid_pipeline.training.losses import Stage2Loss
 
     clip_model = clip_model_module()
     torch.manual_seed(0)
@@ -213,7 +213,8 @@ def main() -> None:
         if device.type == "cuda":
             cache = cache.to(device)
 
-        runners: list[tuple[str, object]] = [(f"ours: cache + batched tensor transforms ({device.type})", OursRunner(cache, batches, device))]
+        runners: list[tuple[str, object]] = [
+            (f"ours: cache + batched tensor transforms ({device.type})", OursRunner(cache, batches, device))]
         for w in sorted({0, workers}):
             label = "in-process" if w == 0 else f"{w} worker processes"
             runners.append((f"reference: per-sample PIL/torchvision Dataset ({label})", ReferenceRunner(root, rels, batches, w)))
@@ -233,7 +234,8 @@ def main() -> None:
     for name, rate, ms in rows:
         print(f"{name:<64} {rate:>10.0f} {ms:>10.1f}")
     if model_rate is not None:
-        print(f"{'model: ViT-B/16 ReIDModel fwd+bwd+Adam, batch 64, bf16':<64} {model_rate:>10.0f} {1000 * 64 / model_rate:>10.1f}")
+        label = "model: ViT-B/16 ReIDModel fwd+bwd+Adam, batch 64, bf16"
+        print(f"{label:<64} {model_rate:>10.0f} {1000 * 64 / model_rate:>10.1f}")
         ours_rate = rows[0][1]
         verdict = "out-runs" if ours_rate > model_rate else "does NOT out-run"
         print(f"pipeline {verdict} the model: {ours_rate:.0f} vs {model_rate:.0f} img/s ({ours_rate / model_rate:.1f}x)")

@@ -164,7 +164,7 @@ def reap_on_cli_start(argv: list[str] | None = None) -> list[str]:
 
 
 def _reap_interval() -> int:
-    from reid_pipeline.retrain import env_seconds  # noqa: PLC0415
+    from reid_pipeline.retrain import env_seconds
 
     return env_seconds("REID_REAP_INTERVAL_S", 30)
 

@@ -39,12 +39,26 @@ from reid_pipeline.device import DeviceSpec
 from reid_pipeline.evaluation.metrics import ReIDEvaluator
 from reid_pipeline.evaluation.plots import plot_cmc, plot_rank_list, plot_training_history
 from reid_pipeline.model.clip_loader import ClipInfo, ClipWeightsError, load_clip
-from reid_pipeline.model.prompt import PromptLearner, TextEncoder, encode_all_classes, load_prompt_tokens, prompt_meta, prompt_state
+from reid_pipeline.model.prompt import (
+    PromptLearner,
+    TextEncoder,
+    encode_all_classes,
+    load_prompt_tokens,
+    prompt_meta,
+    prompt_state,
+)
 from reid_pipeline.model.reid_model import ReIDModel, load_reid_model, save_reid_model
 from reid_pipeline.storage import atomic_write_bytes, file_sha256, load_tensors, save_tensors, write_json
 from reid_pipeline.training.extract import extract_features
 from reid_pipeline.training.stage1 import Stage1Config, Stage1Result, train_prompts
-from reid_pipeline.training.stage2 import LOSS_TERMS, Stage1MismatchError, Stage2Config, Stage2Result, build_reid_model, train_visual_encoder
+from reid_pipeline.training.stage2 import (
+    LOSS_TERMS,
+    Stage1MismatchError,
+    Stage2Config,
+    Stage2Result,
+    build_reid_model,
+    train_visual_encoder,
+)
 
 __all__ = [
     "RANKS",
@@ -77,7 +91,7 @@ def _quiet(_message: str) -> None:
 
 def version_of(*parts: Any) -> str:
     """A short, stable version string from any JSON-able parts."""
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     h = hashlib.sha256()
     for part in parts:
@@ -376,7 +390,7 @@ def metrics_step(features: FeaturesArtifact, settings: EvaluationSettings, out_d
         lines.append(f"{prefix.rstrip('_') or 'fine-tuned'}: mAP {res['mAP']:.4f}, rank-1 {res['rank-1']:.4f}, "
                      f"mINP {res['mINP']:.4f} over {res['num_valid_queries']} queries")
     cmc_png = plot_cmc({(k.rstrip("_") or "fine-tuned"): v["cmc"] for k, v in results.items()}, out_dir / "cmc.png")
-    from reid_pipeline.evaluation import pairwise_distance  # noqa: PLC0415
+    from reid_pipeline.evaluation import pairwise_distance
 
     dist = pairwise_distance(tensors["query"], tensors["gallery"]).cpu().numpy()
     ranks_png = plot_rank_list(meta["query_paths"], meta["gallery_paths"], dist, pids["query"], pids["gallery"],

@@ -47,7 +47,7 @@ class ReidSettings(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Every step that uses this resource tags its run with the host, so that a run whose process
         tree dies can be recognised and reaped (:mod:`reid_pipeline.operations`)."""
-        from reid_pipeline.operations import record_run_worker  # noqa: PLC0415  (operations imports resources' siblings)
+        from reid_pipeline.operations import record_run_worker
 
         if context.instance is not None and context.run_id:
             record_run_worker(context.instance, context.run_id)
@@ -61,7 +61,7 @@ class ReidSettings(dg.ConfigurableResource):
         A known model name is a name although it contains ``/``; a path is what starts with ``./``,
         ``/``, ``~``, ends like a checkpoint or exists; anything else is an unknown name (a clear error).
         """
-        from reid_pipeline.model.clip_loader import resolve_clip_source  # noqa: PLC0415  (pulls in torch)
+        from reid_pipeline.model.clip_loader import resolve_clip_source
 
         return resolve_clip_source(self.clip_weights, must_exist=False)
 
@@ -106,7 +106,7 @@ class TrainingDevice(dg.ConfigurableResource):
 
     def spec(self) -> DeviceSpec:
         if self.num_threads > 0:
-            import torch  # noqa: PLC0415
+            import torch
 
             torch.set_num_threads(self.num_threads)
         return resolve_device(self.device, self.precision)

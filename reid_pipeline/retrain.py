@@ -166,7 +166,8 @@ def changed_source_observations(
 
 def _materialised(instance: dg.DagsterInstance, keys: Iterable[dg.AssetKey]) -> set[dg.AssetKey]:
     keys = list(keys)
-    return {record.asset_entry.asset_key for record in instance.get_asset_records(keys) if record.asset_entry.last_materialization_record}
+    return {record.asset_entry.asset_key for record in instance.get_asset_records(keys)
+            if record.asset_entry.last_materialization_record}
 
 
 def retrain_selection(asset_graph, instance: dg.DagsterInstance, roots: Iterable[dg.AssetKey]) -> list[dg.AssetKey]:
@@ -193,8 +194,8 @@ def stale_asset_keys(instance: dg.DagsterInstance, asset_graph) -> set[dg.AssetK
     Dagster has no public API for an asset's stale status outside the UI/GraphQL: this is the one place
     that reaches into ``dagster._core``; ``test_private_dagster_api`` fails loudly on an upgrade that moves it.
     """
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext  # noqa: PLC0415
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus  # noqa: PLC0415
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 
     view = AssetGraphView(
         temporal_context=TemporalContext(effective_dt=datetime.now(timezone.utc), last_event_id=None),

@@ -57,7 +57,7 @@ def dagster_home(tmp_path, monkeypatch) -> Path:
     home.mkdir()
     (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    from reid_pipeline.operations import init_instance  # noqa: PLC0415
+    from reid_pipeline.operations import init_instance
 
     init_instance(home)  # as `make setup` does for dagster_home/: schema and pool limits, once
     return home

@@ -28,8 +28,8 @@ from reid_pipeline.data.transforms import (
 
 
 def _tv():
-    import torchvision.transforms as T  # noqa: PLC0415
-    import torchvision.transforms.functional as TF  # noqa: PLC0415
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
 
     return T, TF
 

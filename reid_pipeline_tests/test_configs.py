@@ -124,5 +124,6 @@ def test_stage2_refuses_prompts_of_other_identities():
                           precision="fp32")
     check_stage1_identities(same, manifest)
     other = same.model_copy(update={"label_to_pid": [2, 5, 9], "manifest_fingerprint": "old"})
-    with pytest.raises(Stage1MismatchError, match=r"prompt_tokens.safetensors.*new pids \[7\], gone \[9\].*rematerialise prompt_checkpoint"):
+    expected = r"prompt_tokens.safetensors.*new pids \[7\], gone \[9\].*rematerialise prompt_checkpoint"
+    with pytest.raises(Stage1MismatchError, match=expected):
         check_stage1_identities(other, manifest)

@@ -206,7 +206,7 @@ def test_two_steps_never_share_a_resumable_state(tmp_path):
         asset_key = dg.AssetKey("visual_encoder")
         run = dg.DagsterRun(job_name="j", run_id="first-run")
 
-        class log:  # noqa: N801
+        class log:
             info = staticmethod(lambda _m: None)
 
     with resume_state(Ctx, reid, "same", "inputs") as state:
@@ -286,7 +286,7 @@ def test_a_queue_of_four_training_runs_survives_one_killed(tmp_path):
     defs.write_text(QUEUE_DEFS)
     env = cli_env(home)
     env.update(QUEUE_OUT=str(out), REID_REAP_INTERVAL_S="2", PYTHONWARNINGS="ignore", TMPDIR=str(tmp_path))
-    log = open(tmp_path / "dev.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
+    log = open(tmp_path / "dev.log", "wb")
     dev = subprocess.Popen([DAGSTER, "dev", "-f", str(defs), "-h", "127.0.0.1", "-p", str(free_port())], cwd=tmp_path,
                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()

@@ -120,7 +120,8 @@ def test_loss_falls_and_clip_stays_bit_identical():
 def test_never_an_empty_last_batch(clip_model):
     feats, labels = learnable_data(num_classes=4, per_class=8)  # 32 images, batch 16: exactly 2 steps
     steps = []
-    result = train_prompts(clip_model, feats, labels, 4, small_config(epochs=2), CPU, on_epoch_end=lambda e: steps.append(e["steps"]))
+    result = train_prompts(clip_model, feats, labels, 4, small_config(epochs=2), CPU,
+                           on_epoch_end=lambda e: steps.append(e["steps"]))
     assert steps == [2, 2] and all(math.isfinite(x) for x in result.loss_per_epoch)
     steps.clear()
     feats, labels = learnable_data(num_classes=3, per_class=11)  # 33 images

@@ -338,5 +338,6 @@ def test_extract_features_and_history_plot(vit_clip, data, tmp_path):
 
     hist = [{"epoch": e, "loss": 3.0 / e, "id": 2.0 / e, "triplet": 1.0 / e, "i2t": 1.5 / e, "acc": 0.2 * e,
              "id_acc": 0.1 * e, "lr": 1e-5} for e in (1, 2, 3)]
-    png = plot_training_history(hist, {"loss terms": ["loss", "id", "triplet", "i2t"], "train accuracy": ["acc", "id_acc"], "learning rate": ["lr"]}, tmp_path / "curves.png", title="stage 2")
+    panels = {"loss terms": ["loss", "id", "triplet", "i2t"], "train accuracy": ["acc", "id_acc"], "learning rate": ["lr"]}
+    png = plot_training_history(hist, panels, tmp_path / "curves.png", title="stage 2")
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -138,12 +138,15 @@ class DagsterDev:
             REID_RUN_CONFIG=str(CI_PRESET),  # automatic runs: the CI preset's op config
             TMPDIR=str(self.root / "tmp"),  # the code server's sockets and workspace file stay in here
             PYTHONWARNINGS="ignore",
+            # one process per run rather than per step: each step process re-imports torch, which on two
+            # cores is most of a small run's time (the pool and the queue behave the same)
+            REID_EXECUTOR=os.environ.get("REID_EXECUTOR", "in_process"),
         )
         return env
 
     def start(self, timeout: float = 180) -> None:
         self.prepare()
-        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command(),
             cwd=PROJECT_ROOT,

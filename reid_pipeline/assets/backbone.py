@@ -24,7 +24,8 @@ class FrozenClipConfig(dg.Config):
 
 @dg.asset(deps=[clip_weights], group_name="backbone", kinds={"pytorch"}, owners=OWNERS,
           code_version=FROZEN_CLIP_CODE_VERSION,
-          description="OpenAI CLIP via clip.load(..., jit=False), all parameters frozen, visual encoder adapted to the ReID input size.")
+          description="OpenAI CLIP via clip.load(..., jit=False), all parameters frozen, visual encoder adapted to "
+                      "the ReID input size.")
 def frozen_clip(context: dg.AssetExecutionContext, config: FrozenClipConfig,
                 reid: ReidSettings) -> dg.Output[FrozenClipArtifact]:
     spec = reid.clip_weights_spec()

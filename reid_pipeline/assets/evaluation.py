@@ -77,4 +77,5 @@ def evaluation_metrics(context: dg.AssetExecutionContext, config: EvaluationConf
                                         "num_valid_queries": valid, "queries_skipped": report.num_query - valid})
     passed = config.min_map is None or metrics["mAP"] >= config.min_map
     yield dg.AssetCheckResult(check_name="minimum_map", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-                              metadata={"mAP": metrics["mAP"], "min_map": config.min_map if config.min_map is not None else "not set"})
+                              metadata={"mAP": metrics["mAP"],
+                                        "min_map": config.min_map if config.min_map is not None else "not set"})

@@ -52,7 +52,7 @@ def clip_weights_fingerprint(reid: ReidSettings) -> str:
     Raises:
         FileNotFoundError: ``clip_weights`` looks like a path but no such file exists.
     """
-    from reid_pipeline.model.clip_loader import cached_weights_path  # noqa: PLC0415  (pulls in torch)
+    from reid_pipeline.model.clip_loader import cached_weights_path
 
     spec = reid.clip_weights_spec()  # a canonical model name or an absolute path (unknown names: a clear error)
     h = hashlib.sha256(_CLIP_WEIGHTS_VERSION)

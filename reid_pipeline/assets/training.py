@@ -101,7 +101,8 @@ class VisualEncoderConfig(Launchable):
 
 
 @training_asset("visual_encoder", code_version=STAGE2_CODE_VERSION,
-                description="Stage 2: the image encoder fine-tuned with ID + triplet + image-to-text losses; BNNecks and classifiers.")
+                description="Stage 2: the image encoder fine-tuned with ID + triplet + image-to-text losses; BNNecks "
+                            "and classifiers.")
 def visual_encoder(context: dg.AssetExecutionContext, config: VisualEncoderConfig, reid: ReidSettings,
                    device: TrainingDevice, pipes_subprocess_client: dg.PipesSubprocessClient,
                    dataset_manifest: ManifestArtifact, frozen_clip: FrozenClipArtifact, prompt_checkpoint: PromptArtifact):

@@ -475,10 +475,10 @@ def re_ranking(
 
     Memory grows like N * k1 * k2 (sparse) plus ``block_size**2`` and ``query_chunk x G`` buffers
     besides the output, never N^2 (defaults: 2048 and 8M / G rows on the CPU, larger on a GPU).
-    Runs on ``device`` (e.g. ``"cuda"``; default: the device of ``q_feats``). On the CPU, ``num_threads`` worker threads (default: torch's thread count) share
-    the blocks and chunks, each running torch single-threaded. Query and gallery features that
-    are consecutive views of one tensor are used without a concatenation copy (with
-    ``normalize_features=False``). Pass a dict as ``timings`` to receive the seconds per stage.
+    Runs on ``device`` (e.g. ``"cuda"``; default: the device of ``q_feats``). On the CPU,
+    ``num_threads`` worker threads (default: torch's thread count) share the blocks and chunks,
+    each running torch single-threaded. Query and gallery features that are consecutive views of
+    one tensor are used without a concatenation copy (with ``normalize_features=False``). Pass a dict as ``timings`` to receive the seconds per stage.
     """
     for name, val in (("k1", k1), ("k2", k2)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:

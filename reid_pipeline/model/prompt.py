@@ -405,7 +405,7 @@ def load_prompt_tokens(
     """Copy learned tokens (what :func:`prompt_state` returned, or a safetensors file of it) in place."""
     source = "prompt tokens"
     if not isinstance(tokens, Mapping):
-        from reid_pipeline.storage import load_tensors  # noqa: PLC0415
+        from reid_pipeline.storage import load_tensors
 
         source = str(tokens)
         tokens, _ = load_tensors(tokens)

@@ -260,7 +260,8 @@ def load_reid_model(
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: sidecar has no 'model' section; not a ReIDModel checkpoint")
     model = ReIDModel(
-        clip_model, info.get("num_classes"), num_cameras=int(info.get("num_cameras") or 0), sie_coe=float(info.get("sie_coe", 3.0))
+        clip_model, info.get("num_classes"), num_cameras=int(info.get("num_cameras") or 0),
+        sie_coe=float(info.get("sie_coe", 3.0)),
     )
     if model.arch != info.get("arch"):
         raise CheckpointError(f"{path}: saved for a {info.get('arch')} encoder, the given CLIP is {model.arch}")

@@ -18,7 +18,8 @@ The recipe (CLIP-ReID ``processor/processor_clipreid_stage2.py``, ``solver/make_
 
 The epochs run in the shared loop (:func:`~reid_pipeline.training.loop.run_training`): an atomic
 training-state checkpoint every ``checkpoint_every`` epochs (model, optimiser, grad scaler, sampler
-and augmentation generators, history), torn-state detection, the non-finite-loss guard. Calling :func:`train_visual_encoder` again with the same
+and augmentation generators, history), torn-state detection, the non-finite-loss guard. Calling
+:func:`train_visual_encoder` again with the same
 ``state_path`` resumes after the last completed epoch and ends bit-identical to an uninterrupted run
 (CPU, same seed). A NaN/inf loss stops the run with :class:`NonFiniteLossError` naming the epoch and
 step; the checkpoint of the last good epoch is left as it was.
@@ -246,7 +247,8 @@ def _validate(
             "load CLIP with the same input size"
         )
     if config.arch == "vit" and config.stride is not None and model.stride != config.stride:
-        raise ValueError(f"config.stride is {config.stride} but the encoder uses stride {model.stride}; load CLIP with stride={config.stride}")
+        raise ValueError(f"config.stride is {config.stride} but the encoder uses stride {model.stride}; "
+                         f"load CLIP with stride={config.stride}")
     if config.sie_camera != bool(model.num_cameras):
         raise ValueError(f"config.sie_camera is {config.sie_camera} but the model has {model.num_cameras} camera embeddings")
     if model.num_cameras:
