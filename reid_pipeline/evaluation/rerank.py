@@ -478,7 +478,8 @@ def re_ranking(
     Runs on ``device`` (e.g. ``"cuda"``; default: the device of ``q_feats``). On the CPU,
     ``num_threads`` worker threads (default: torch's thread count) share the blocks and chunks,
     each running torch single-threaded. Query and gallery features that are consecutive views of
-    one tensor are used without a concatenation copy (with ``normalize_features=False``). Pass a dict as ``timings`` to receive the seconds per stage.
+    one tensor are used without a concatenation copy (with ``normalize_features=False``). Pass a
+    dict as ``timings`` to receive the seconds per stage.
     """
     for name, val in (("k1", k1), ("k2", k2)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
