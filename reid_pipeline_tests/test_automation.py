@@ -73,7 +73,8 @@ class Pipeline:
     def __init__(self, data_root: Path, weights: Path, storage: Path, prompt_code_version: str = "1"):
         self.reid = ReidSettings(data_root=str(data_root), clip_weights=str(weights), storage_dir=str(storage))
         self.assets = [dataset_manifest, *_stand_ins(prompt_code_version)]
-        self.resources = {"reid": self.reid, "device": TrainingDevice(device="cpu"), "io_manager": ArtifactIOManager()}
+        self.resources = {"reid": self.reid, "device": TrainingDevice(device="cpu"), "io_manager": ArtifactIOManager(),
+                          "pipes_subprocess_client": dg.PipesSubprocessClient()}
         # The project's own job (the sensor and the schedule are built from it), resolved against these assets.
         self.defs = dg.Definitions(
             assets=[raw_dataset, clip_weights, *self.assets],
