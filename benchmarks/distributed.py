@@ -119,16 +119,23 @@ def main() -> None:
         clip_path = str(ensure_tiny_clip(tmp / "tiny.pt", arch="vit", seed=0))
         plain = one_run(args, clip_path)
         world1 = spawned(1, args, clip_path, tmp)
-        world2 = spawned(2, args, clip_path, tmp)
+        # world size 2 needs two devices on a GPU machine (each rank pins cuda:LOCAL_RANK)
+        two = args.device == "cpu" or torch.cuda.device_count() >= 2
+        world2 = spawned(2, args, clip_path, tmp) if two else None
     steps = plain["steps"]
     print(f"device {args.device}, {os.cpu_count()} CPUs, {args.threads} thread(s)/process, global batch {args.p}x{args.k}, "
           f"{int(steps)} steps/epoch, input {args.size[0]}x{args.size[1]}")
-    for name, r in (("plain loop (world 1)", plain), ("DDP world 1", world1), ("DDP world 2 (SyncBN)", world2)):
-        print(f"{name:22s}: epoch {r['epoch_s']:.3f} s, {r['epoch_s'] / steps * 1e3:.1f} ms/step")
-    share = world2["allreduce_s"] / (world2["epoch_s"] / steps)
-    print(f"gradient all-reduce (world 2): {world2['allreduce_s'] * 1e3:.1f} ms per step")
-    print(f"epoch time world2/world1: {world2['epoch_s'] / plain['epoch_s']:.2f}x")
-    print(f"comm share per step (world 2): {100 * share:.1f}%")
+    runs = (("plain loop (world 1)", plain), ("DDP world 1", world1), ("DDP world 2 (SyncBN)", world2))
+    for name, r in runs:
+        if r is not None:
+            print(f"{name:22s}: epoch {r['epoch_s']:.3f} s, {r['epoch_s'] / steps * 1e3:.1f} ms/step")
+    if world2 is not None:
+        share = world2["allreduce_s"] / (world2["epoch_s"] / steps)
+        print(f"gradient all-reduce (world 2): {world2['allreduce_s'] * 1e3:.1f} ms per step")
+        print(f"epoch time world2/world1: {world2['epoch_s'] / plain['epoch_s']:.2f}x")
+        print(f"comm share per step (world 2): {100 * share:.1f}%")
+    else:
+        print("world size 2 skipped: fewer than 2 GPUs")
     print(f"DDP world1 / plain: {world1['epoch_s'] / plain['epoch_s']:.3f}x")
 
 
