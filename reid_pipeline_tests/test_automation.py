@@ -354,7 +354,7 @@ def test_project_definitions_wire_sources_automation_and_metadata():
         node = graph.get(key)
         name = key.to_user_string()
         assert node.code_version, f"{name} has no code_version"
-        assert node.group_name in {"data", "backbone", "training", "evaluation"}, name
+        assert node.group_name in {"data", "backbone", "training", "evaluation", "serving"}, name
         assert node.owners and node.kinds, name
     for key in graph.observable_asset_keys:
         assert graph.get(key).owners and graph.get(key).group_name in {"data", "backbone"}

@@ -104,3 +104,27 @@ def test_kill_9_in_stage_2_then_unattended_resume_is_bit_identical(tmp_path, dag
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
         assert [r.status.value for r in instance.get_runs()].count("FAILURE") == 1
+
+
+def test_diverging_stage_1_fails_its_check(tmp_path, small_inputs):
+    """lr 1e6: the loss ends above where it started without ever being NaN; the asset still succeeds
+    (its prompts are saved), but the `loss_decreased` check fails and the log says why."""
+    from reid_pipeline.assets.backbone import frozen_clip
+    from reid_pipeline.assets.data import dataset_manifest
+    from reid_pipeline.assets.training import prompt_checkpoint
+    from reid_pipeline.resources import ArtifactIOManager, ReidSettings, TrainingDevice
+
+    data, weights = small_inputs
+    resources = {"reid": ReidSettings(data_root=str(data), clip_weights=str(weights), storage_dir=str(tmp_path / "a")),
+                 "device": TrainingDevice(device="cpu"), "io_manager": ArtifactIOManager(),
+                 "pipes_subprocess_client": dg.PipesSubprocessClient()}
+    run_config = {"ops": {"frozen_clip": {"config": {"input_height": 64, "input_width": 32}},
+                          "prompt_checkpoint": {"config": {"epochs": 4, "lr": 1e6, "warmup_epochs": 0}}}}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([dataset_manifest, frozen_clip, prompt_checkpoint], instance=instance,
+                                resources=resources, run_config=run_config, raise_on_error=False)
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "loss_decreased"]
+    first, last = check.metadata["first_epoch_loss"].value, check.metadata["last_epoch_loss"].value
+    assert not check.passed and last >= first, (first, last)
+    assert any("training diverged" in m for m in logs)
