@@ -183,6 +183,8 @@ def encoder_fingerprint(weights: str, transform: TestTransform, arch: str) -> st
 
 def _resolve_encoder(path: Path) -> tuple[Path, ClipRef, dict]:
     """(weights file, ClipRef, sidecar meta) for an artefact folder or its safetensors file."""
+    if path.is_dir() and not (path / DESCRIPTOR_FILE).is_file() and (path / "visual_encoder.safetensors").is_file():
+        path = path / "visual_encoder.safetensors"  # a folder without its descriptor: the weights' sidecar says it all
     if path.is_dir():
         if not (path / DESCRIPTOR_FILE).is_file():
             raise CheckpointError(f"{path}: folder has no {DESCRIPTOR_FILE}; expected a visual_encoder artefact folder")
