@@ -108,3 +108,12 @@ def test_training_state_requires_epoch(tmp_path):
     path = save_tensors(tmp_path / "plain.safetensors", {"a": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="not a training-state checkpoint"):
         load_training_state(path)
+
+
+def test_tensors_fingerprint_takes_zero_dimensional_tensors():
+    """BatchNorm's num_batches_tracked is 0-d: fingerprinting a model's tensors must not fail on it."""
+    from reid_pipeline.storage import tensors_fingerprint
+
+    a = tensors_fingerprint({"n": torch.tensor(3), "w": torch.ones(2)})
+    assert a == tensors_fingerprint({"n": torch.tensor(3), "w": torch.ones(2)})
+    assert a != tensors_fingerprint({"n": torch.tensor(4), "w": torch.ones(2)})
