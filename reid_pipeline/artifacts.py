@@ -33,6 +33,7 @@ __all__ = [
     "OnnxArtifact",
     "AnyArtifact",
     "load_descriptor",
+    "validation_problems",
 ]
 
 DESCRIPTOR_FILE = "descriptor.json"
@@ -157,6 +158,11 @@ AnyArtifact = Union[
 _KINDS = {m.model_fields["kind"].default: m for m in AnyArtifact.__args__}  # type: ignore[attr-defined]
 
 
+def validation_problems(exc: ValidationError, limit: int = 5) -> str:
+    """A pydantic validation error as one line: ``field.path: message; …``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:limit])
+
+
 def load_descriptor(path: str | os.PathLike, expected: type[Artifact] | None = None) -> Artifact:
     """Read a ``descriptor.json`` (or the artefact folder holding one) and validate it.
 
@@ -178,5 +184,4 @@ def load_descriptor(path: str | os.PathLike, expected: type[Artifact] | None = N
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise CheckpointError(f"{path}: invalid {kind} descriptor ({problems})") from None
+        raise CheckpointError(f"{path}: invalid {kind} descriptor ({validation_problems(exc)})") from None

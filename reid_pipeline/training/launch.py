@@ -30,7 +30,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from reid_pipeline.artifacts import EncoderArtifact, FrozenClipArtifact, ManifestArtifact, PromptArtifact, load_descriptor
+from reid_pipeline.artifacts import (
+    EncoderArtifact,
+    FrozenClipArtifact,
+    ManifestArtifact,
+    PromptArtifact,
+    load_descriptor,
+    validation_problems,
+)
 from reid_pipeline.device import resolve_device
 from reid_pipeline.storage import write_json
 from reid_pipeline.training.distributed import DistributedConfig, init_distributed, shutdown, torchrun_env_present
@@ -94,8 +101,7 @@ def read_spec(path: str | os.PathLike, stage: str | None = None) -> LaunchSpec:
     try:
         return LaunchSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise LaunchError(f"{path}: invalid launch config ({problems})") from None
+        raise LaunchError(f"{path}: invalid launch config ({validation_problems(exc)})") from None
 
 
 def _pipes():
