@@ -48,7 +48,7 @@ from reid_pipeline.model.prompt import (
     prompt_state,
 )
 from reid_pipeline.model.reid_model import ReIDModel, load_reid_model, save_reid_model
-from reid_pipeline.storage import atomic_write_bytes, file_sha256, load_tensors, save_tensors, write_json
+from reid_pipeline.storage import atomic_write_bytes, load_tensors, save_tensors, write_json
 from reid_pipeline.training.extract import extract_features
 from reid_pipeline.training.stage1 import Stage1Config, Stage1Result, train_prompts
 from reid_pipeline.training.stage2 import (
@@ -65,7 +65,6 @@ __all__ = [
     "EvaluationSettings",
     "StepLog",
     "version_of",
-    "clip_weights_fingerprint",
     "read_manifest",
     "split_rows",
     "image_cache",
@@ -98,11 +97,6 @@ def version_of(*parts: Any) -> str:
         h.update(repr(part).encode())
         h.update(b"\x00")
     return h.hexdigest()[:20]
-
-
-def clip_weights_fingerprint(path: str | os.PathLike) -> str:
-    """The content fingerprint of a CLIP weights file (its SHA-256)."""
-    return file_sha256(path)
 
 
 # ----------------------------------------------------------------------------------- data

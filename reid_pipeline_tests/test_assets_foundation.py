@@ -164,3 +164,20 @@ def test_evaluation_checks_can_fail(tmp_path):
     assert not checks["every_query_has_a_match"].passed
     assert checks["every_query_has_a_match"].metadata["queries_skipped"].value == 1
     assert not checks["minimum_map"].passed and checks["metrics_in_range"].passed
+
+
+def test_paper_weight_names_resolve_as_names(tmp_path, monkeypatch):
+    """The paper presets' `clip_weights: ViT-B/16` is a model name, not `<cwd>/ViT-B/16`; its cheap
+    fingerprint works without the download; an unknown name and a missing file are clear errors."""
+    from reid_pipeline.assets.raw import clip_weights_fingerprint
+    from reid_pipeline.model.clip_loader import ClipWeightsError
+
+    monkeypatch.chdir(tmp_path)
+    for given in ("ViT-B/16", "vitb16", "RN50"):
+        spec = ReidSettings(clip_weights=given).clip_weights_spec()
+        assert spec in ("ViT-B/16", "RN50") and not spec.startswith("/")
+        assert len(clip_weights_fingerprint(ReidSettings(clip_weights=given))) == 64
+    with pytest.raises(ClipWeightsError, match="unknown model name"):
+        ReidSettings(clip_weights="ViT-Z/99").clip_weights_spec()
+    with pytest.raises(FileNotFoundError, match="missing.pt: no such file"):
+        clip_weights_fingerprint(ReidSettings(clip_weights="./missing.pt"))

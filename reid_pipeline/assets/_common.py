@@ -62,7 +62,8 @@ def resume_state(context: dg.AssetExecutionContext, reid: ReidSettings, *parts: 
         if path.exists():
             context.log.info(f"resuming from {path}")
         yield path
-        remove_training_state(path)
+        remove_training_state(path)  # finished: nothing resumable is left behind, the lock included
+        lock_path.unlink(missing_ok=True)
 
 
 def table_metadata(df: pd.DataFrame, max_rows: int = 20) -> dg.MetadataValue:

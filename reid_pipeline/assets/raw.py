@@ -10,10 +10,7 @@ weights' SHA-256), so a mere ``touch`` makes them stale but does not change what
 "Observe sources" button and every run of ``reid_pipeline_job`` observe them too.
 """
 
-import hashlib
-import os
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import dagster as dg
@@ -30,43 +27,17 @@ __all__ = [
     "clip_weights_fingerprint",
 ]
 
-_CLIP_WEIGHTS_VERSION = b"reid_pipeline.clip_weights_fingerprint.v1\n"
-
-
 def raw_dataset_fingerprint(reid: ReidSettings) -> str:
     """The cheap fingerprint of the dataset root (raises ``FileNotFoundError`` naming a missing root)."""
     return directory_fingerprint(reid.data_root_path(), external_links=reid.external_links)
 
 
-def _stat_line(path: Path) -> str:
-    st = path.stat()
-    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
-
-
 def clip_weights_fingerprint(reid: ReidSettings) -> str:
-    """A cheap fingerprint of the CLIP weights: path, size and mtime of the file.
+    """The cheap fingerprint of ``reid.clip_weights`` (the library's
+    :func:`~reid_pipeline.model.clip_loader.weights_stat_fingerprint`: path, size, mtime)."""
+    from reid_pipeline.model.clip_loader import weights_stat_fingerprint  # lazily: it pulls in torch
 
-    For an openai-clip model name (``ViT-B/16``) the downloaded file in ``~/.cache/clip`` is used when
-    present, else only the canonical name (the first download then changes the version).
-
-    Raises:
-        FileNotFoundError: ``clip_weights`` looks like a path but no such file exists.
-    """
-    from reid_pipeline.model.clip_loader import cached_weights_path
-
-    spec = reid.clip_weights_spec()  # a canonical model name or an absolute path (unknown names: a clear error)
-    h = hashlib.sha256(_CLIP_WEIGHTS_VERSION)
-    if os.path.isabs(spec):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"CLIP weights {spec}: no such file — set REID_CLIP_WEIGHTS or the reid "
-                                    "resource's clip_weights to a checkpoint path or a model name such as ViT-B/16")
-        h.update(_stat_line(Path(spec)).encode())
-        return h.hexdigest()
-    h.update(f"model:{spec}".encode())
-    cached = cached_weights_path(spec)
-    if cached.is_file():
-        h.update(b"\0" + _stat_line(cached).encode())
-    return h.hexdigest()
+    return weights_stat_fingerprint(reid.clip_weights_spec())
 
 
 def _observable_source(spec: dg.AssetSpec):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -34,6 +35,7 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "resolve_model_name",
     "resolve_clip_source",
+    "weights_stat_fingerprint",
     "cached_weights_path",
     "load_clip",
     "adapt_visual",
@@ -181,6 +183,37 @@ def cached_weights_path(name: str, download_root: str | os.PathLike | None = Non
         raise ClipWeightsError(f"CLIP weights {name!r}: unknown model name ({_known_names_text()})")
     root = Path(download_root).expanduser() if download_root is not None else Path("~/.cache/clip").expanduser()
     return root / os.path.basename(models[canonical])
+
+
+_WEIGHTS_FINGERPRINT_VERSION = b"reid_pipeline.clip_weights_fingerprint.v1\n"
+
+
+def _stat_line(path: Path) -> str:
+    st = path.stat()
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
+def weights_stat_fingerprint(spec: str | os.PathLike) -> str:
+    """A cheap fingerprint of CLIP weights, one ``stat`` and nothing read: path, size and mtime of the
+    file; for a model name, the name and its cached download in ``~/.cache/clip`` when present (the
+    first download then changes it). The content check is :class:`ClipInfo`'s ``sha256``.
+
+    Raises:
+        FileNotFoundError: a path that is not a file. ClipWeightsError: an unknown model name.
+    """
+    source = resolve_clip_source(spec, must_exist=False)
+    h = hashlib.sha256(_WEIGHTS_FINGERPRINT_VERSION)
+    if os.path.isabs(source):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"CLIP weights {source}: no such file — set REID_CLIP_WEIGHTS or the reid "
+                                    "resource's clip_weights to a checkpoint path or a model name such as ViT-B/16")
+        h.update(_stat_line(Path(source)).encode())
+        return h.hexdigest()
+    h.update(f"model:{source}".encode())
+    cached = cached_weights_path(source)
+    if cached.is_file():
+        h.update(b"\0" + _stat_line(cached).encode())
+    return h.hexdigest()
 
 
 def _clean_message(exc: BaseException | str) -> str:
