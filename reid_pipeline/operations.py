@@ -133,8 +133,20 @@ def dead_runs(instance: dg.DagsterInstance) -> list[tuple[dg.DagsterRun, int]]:
     return dead
 
 
+def _slots_of_finished_runs(instance: dg.DagsterInstance) -> set[str]:
+    """Runs that have ended (failed, canceled, succeeded, deleted) but still hold pool slots — e.g. a run
+    whose worker was killed and that the code server then marked failed without freeing them."""
+    storage = instance.event_log_storage
+    holders = {slot.run_id for key in storage.get_concurrency_keys()
+               for slot in storage.get_concurrency_info(key).claimed_slots}
+    active = {r.run_id for r in instance.get_runs(filters=dg.RunsFilter(run_ids=list(holders), statuses=_ACTIVE))} \
+        if holders else set()
+    return holders - active
+
+
 def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
-    """Mark :func:`dead_runs` failed and free their pool slots; returns their ids."""
+    """Mark :func:`dead_runs` failed and free their pool slots, and free the slots that ended runs still
+    hold; returns the ids of the runs whose slots were freed."""
     reaped = []
     for run, pid in dead_runs(instance):
         message = (f"run {run.run_id} marked failed by reid_pipeline: its worker process {pid} on "
@@ -143,6 +155,10 @@ def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = pr
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         log(message)
         reaped.append(run.run_id)
+    for run_id in sorted(_slots_of_finished_runs(instance)):
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+        log(f"run {run_id} has ended but still held pool slots: freed by reid_pipeline")
+        reaped.append(run_id)
     return reaped
 
 

@@ -295,20 +295,29 @@ def test_a_queue_of_four_training_runs_survives_one_killed(tmp_path):
         with dg.DagsterInstance.from_config(str(home)) as instance:
             return {r.run_id: r for r in instance.get_runs()}
 
+    def waiting_for(predicate, what: str, timeout: float = 600):
+        try:
+            return wait_until(predicate, timeout, what)
+        except BaseException as exc:  # say where the queue stood
+            states = sorted((r.tags.get("queue/name", "?"), r.status.value) for r in runs().values())
+            tail = (tmp_path / "dev.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}\nruns: {states}\nprogress: "
+                                 f"{[(p.name, p.read_text()) for p in sorted(out.glob('progress-*'))]}\n{tail}") from None
+
     try:
         # b trains second; kill its whole run worker halfway (the step and the run process)
-        wait_until(lambda: (out / "progress-b").exists() and int((out / "progress-b").read_text() or 0) >= 3, 300,
-                   "run b halfway")
+        waiting_for(lambda: (out / "progress-b").exists() and int((out / "progress-b").read_text() or 0) >= 3,
+                    "run b halfway")
         step_pid, worker_pid = json.loads((out / "pid-b").read_text())
         for pid in (step_pid, worker_pid):
             os.kill(pid, 9)
-        wait_until(lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs().values()) == 3, 300,
-                   "the three other runs to finish")
+        waiting_for(lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs().values()) == 3,
+                    "the three other runs to finish")
         killed = [r for r in runs().values() if r.tags.get("queue/name") == "b"]
         assert [r.status for r in killed] == [dg.DagsterRunStatus.FAILURE]  # reaped by the sensor, not left STARTED
         (out / "relaunch").touch()
-        wait_until(lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs().values()) == 4, 300,
-                   "the relaunched run to finish")
+        waiting_for(lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs().values()) == 4,
+                    "the relaunched run to finish")
     finally:
         survivors = descendants(dev.pid)
         os.killpg(dev.pid, 15)
@@ -331,3 +340,17 @@ def test_a_queue_of_four_training_runs_survives_one_killed(tmp_path):
     assert resumed["b"] >= 3 and all(resumed[n] == 0 for n in "acd")  # b resumed from its progress
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots  # no slot leaked
+
+
+def test_slots_of_ended_runs_are_freed(tmp_path):
+    """A run the code server marked failed after its worker was killed keeps its slot (Dagster frees it only
+    with run monitoring); the reaper frees it, so queued runs can start."""
+    home = _fresh_home(tmp_path)
+    init_instance(home)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        ended = dg.DagsterRun(job_name="j", run_id="ended-run", status=dg.DagsterRunStatus.FAILURE)
+        instance.add_run(ended)
+        assert instance.event_log_storage.claim_concurrency_slot("gpu", "ended-run", "train").is_claimed
+        assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+        assert reap_dead_runs(instance, log=lambda _m: None) == ["ended-run"]
+        assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots

@@ -123,7 +123,9 @@ def reference(encoder, splits, ci_data) -> dict:
 def test_load_accepts_folder_and_safetensors(encoder, predictor):
     other = ReIDPredictor.load(encoder["weights"], device="cpu")
     assert other.fingerprint == predictor.fingerprint
-    assert predictor.feature_dim == 256 + 128 and predictor.backend == "torch"
+    # the test-time feature: the encoder's CLS feature and its projection, concatenated (BNNeck outputs)
+    assert predictor.feature_dim == predictor.model.test_dim and predictor.backend == "torch"
+    assert predictor.feature_dim == predictor.model.visual.proj.shape[0] + predictor.model.proj_dim
     assert predictor.describe()["clip"]["sha256"]
 
 
@@ -228,7 +230,7 @@ def test_index_save_load_round_trip_and_refusals(predictor, splits, tmp_path, en
         GalleryIndex.load(tmp_path / "idx", other)
     with pytest.raises(EncoderMismatchError):
         index.add(other, q)
-    with pytest.raises(FeatureDimensionError, match="384"):
+    with pytest.raises(FeatureDimensionError, match=f"{predictor.feature_dim}-d"):
         loaded.search(torch.randn(2, 100), k=3)
     with pytest.raises(EmptyIndexError):
         GalleryIndex.for_predictor(predictor).search(q, k=3)
