@@ -36,7 +36,7 @@ embedded: setup
 # It ends with a search: the top-5 gallery matches of one query image, and their picture.
 demo: embedded
 	$(DG) launch --assets 'raw_dataset*,clip_weights*' -c configs/demo.yaml
-	$(VENV)/bin/reid-search query --index "$$(ls -d artifacts/gallery_index/*/index | sort | tail -1)" \
+	$(VENV)/bin/reid-search query --index "$$(dirname $$(ls artifacts/gallery_index/*/index/index.json | sort | tail -1))" \
 	  "$$(ls data/embedded/synthetic/query/* | sort | head -1)" --top-k 5 --png artifacts/demo_search.png
 	@echo "rank list of that query: artifacts/demo_search.png"
 

@@ -130,7 +130,7 @@ def _search_matches_the_evaluation(index_dir: str, features_file: str) -> None:
     proc = subprocess.run([str(Path(sys.executable).with_name("reid-search")), "query", "--index", index_dir, str(query),
                            "--top-k", "5", "--json", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (hit,) = json.loads(proc.stdout)
+    (hit,) = json.loads(proc.stdout)["queries"]
     dist = pairwise_distance(tensors["query"][:1], tensors["gallery"])[0]
     expected = [meta["gallery_paths"][i] for i in dist.numpy().argsort(kind="stable")[:5]]
     assert [Path(r["path"]).as_posix().endswith(e) for r, e in zip(hit["results"], expected)] == [True] * 5
