@@ -20,6 +20,8 @@ LIBRARY = [
     "reid_pipeline.storage",
     "reid_pipeline.training",
     "reid_pipeline.training.loop",
+    "reid_pipeline.training.distributed",
+    "reid_pipeline.training.launch",  # dagster-pipes (not dagster) only when run under Pipes, on rank 0
     "reid_pipeline.training.stage1",
     "reid_pipeline.training.stage2",
 ]
