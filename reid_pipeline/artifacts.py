@@ -31,6 +31,7 @@ __all__ = [
     "MetricsArtifact",
     "GalleryIndexArtifact",
     "OnnxArtifact",
+    "CrossDomainArtifact",
     "AnyArtifact",
     "load_descriptor",
     "validation_problems",
@@ -79,6 +80,7 @@ class ManifestArtifact(Artifact):
     manifest: str
     root: str
     layout: str
+    dataset: Optional[str] = Field(default=None, description="the dataset's name (its partition key)")
     fingerprint: str
     num_classes: int
     label_to_pid: list[int]
@@ -151,9 +153,19 @@ class OnnxArtifact(Artifact):
     topk_identical: bool
 
 
+class CrossDomainArtifact(Artifact):
+    kind: Literal["cross_domain_metrics"] = "cross_domain_metrics"
+    matrix_file: str
+    train_datasets: list[str] = Field(description="rows: the datasets an encoder was trained on")
+    test_datasets: list[str] = Field(description="columns: the datasets evaluated on (query × gallery)")
+    mAP: list[list[float]]
+    rank1: list[list[float]]
+    encoder_weights: dict[str, str]
+
+
 AnyArtifact = Union[
     ManifestArtifact, FrozenClipArtifact, PromptArtifact, EncoderArtifact, FeaturesArtifact, MetricsArtifact,
-    GalleryIndexArtifact, OnnxArtifact,
+    GalleryIndexArtifact, OnnxArtifact, CrossDomainArtifact,
 ]
 _KINDS = {m.model_fields["kind"].default: m for m in AnyArtifact.__args__}  # type: ignore[attr-defined]
 

@@ -8,14 +8,15 @@ import dagster as dg
 
 from reid_pipeline.assets.backbone import frozen_clip
 from reid_pipeline.assets.data import dataset_manifest
-from reid_pipeline.assets.evaluation import evaluation_metrics, reid_features
+from reid_pipeline.assets.evaluation import cross_domain_metrics, evaluation_metrics, reid_features
 from reid_pipeline.assets.raw import clip_weights, raw_dataset
 from reid_pipeline.assets.serving import gallery_index, onnx_encoder
 from reid_pipeline.assets.training import prompt_checkpoint, visual_encoder
 from reid_pipeline.deploy import executor_from_env
 from reid_pipeline.jobs import reid_job
 from reid_pipeline.operations import patch_pool_wait, reap_dead_runs_sensor, reap_on_cli_start
-from reid_pipeline.resources import DEFAULT_CLIP_WEIGHTS, DEFAULT_DATA_ROOT, ArtifactIOManager, ReidSettings, TrainingDevice
+from reid_pipeline.partitions import CONFIGURED_DATASETS
+from reid_pipeline.resources import DEFAULT_CLIP_WEIGHTS, ArtifactIOManager, ReidSettings, TrainingDevice
 from reid_pipeline.schedules import nightly_retrain_schedule
 from reid_pipeline.sensors import retrain_sensor
 
@@ -30,14 +31,14 @@ patch_pool_wait()
 reap_on_cli_start()
 
 settings = ReidSettings(
-    data_root=_env_or("REID_DATA_ROOT", DEFAULT_DATA_ROOT),
+    datasets=CONFIGURED_DATASETS,  # REID_DATASETS / REID_DATA_ROOT / the embedded two (reid_pipeline.partitions)
     clip_weights=_env_or("REID_CLIP_WEIGHTS", DEFAULT_CLIP_WEIGHTS),
     storage_dir=_env_or("REID_STORAGE_DIR", "artifacts"),
 )
 
 defs = dg.Definitions(
     assets=[raw_dataset, clip_weights, dataset_manifest, frozen_clip, prompt_checkpoint, visual_encoder,
-            reid_features, evaluation_metrics, gallery_index, onnx_encoder],
+            reid_features, evaluation_metrics, cross_domain_metrics, gallery_index, onnx_encoder],
     jobs=[reid_job],
     sensors=[retrain_sensor, reap_dead_runs_sensor],
     schedules=[nightly_retrain_schedule],

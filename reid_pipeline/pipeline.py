@@ -7,7 +7,8 @@ it wrote (:mod:`reid_pipeline.artifacts`) plus what is worth reporting.
 
 Steps:
 :func:`manifest_step` → :func:`frozen_clip_step` → :func:`prompts_step` (stage 1) →
-:func:`encoder_step` (stage 2) → :func:`features_step` → :func:`metrics_step`.
+:func:`encoder_step` (stage 2) → :func:`features_step` → :func:`metrics_step`; across datasets:
+:func:`cross_domain_step` (every trained encoder on every dataset's query × gallery).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reid_pipeline.artifacts import (
     ClipRef,
+    CrossDomainArtifact,
     EncoderArtifact,
     FeaturesArtifact,
     FrozenClipArtifact,
@@ -37,7 +39,7 @@ from reid_pipeline.data.cache import ImageCache
 from reid_pipeline.data.transforms import TestTransform, normalization_for
 from reid_pipeline.device import DeviceSpec
 from reid_pipeline.evaluation.metrics import ReIDEvaluator
-from reid_pipeline.evaluation.plots import plot_cmc, plot_rank_list, plot_training_history
+from reid_pipeline.evaluation.plots import plot_cmc, plot_cross_domain, plot_rank_list, plot_training_history
 from reid_pipeline.model.clip_loader import ClipInfo, ClipWeightsError, load_clip
 from reid_pipeline.model.prompt import (
     PromptLearner,
@@ -78,6 +80,8 @@ __all__ = [
     "encoder_step",
     "features_step",
     "metrics_step",
+    "CrossDomainReport",
+    "cross_domain_step",
 ]
 
 RANKS = (1, 5, 10)
@@ -132,9 +136,10 @@ def image_cache(manifest: ManifestArtifact, rows: pd.DataFrame, cache_dir: str |
 
 
 def manifest_step(root: str | os.PathLike, out_dir: Path, *, layout: str = "auto", check_images: bool = True,
-                  on_bad_image: str = "error", external_links: str = "skip",
+                  on_bad_image: str = "error", external_links: str = "skip", dataset: str | None = None,
                   ) -> tuple[ManifestArtifact, pd.DataFrame, ManifestReport]:
-    """Build the manifest of ``root``, write ``manifest.parquet`` and return its descriptor.
+    """Build the manifest of ``root`` (the dataset named ``dataset``), write ``manifest.parquet`` and
+    return its descriptor.
 
     ``external_links``: entries whose symlinks resolve outside ``root`` are left out and reported
     (``"skip"``) or followed (``"keep"``) — the same policy as the ``raw_dataset`` fingerprint.
@@ -147,7 +152,7 @@ def manifest_step(root: str | os.PathLike, out_dir: Path, *, layout: str = "auto
     path = atomic_write_bytes(out_dir / "manifest.parquet", buf.getvalue())
     train = df[df.split == "train"]
     artifact = ManifestArtifact(
-        artifact_dir=str(out_dir), manifest=str(path), root=str(root), layout=report.layout,
+        artifact_dir=str(out_dir), manifest=str(path), root=str(root), layout=report.layout, dataset=dataset,
         fingerprint=manifest_fingerprint(df, root), num_classes=int(train.pid.nunique()),
         label_to_pid=[int(p) for p in sorted(train.pid.unique())],
         num_cameras=int(df.camid.max()) + 1 if len(df) else 0,
@@ -399,3 +404,61 @@ def metrics_step(features: FeaturesArtifact, settings: EvaluationSettings, out_d
     report = MetricsReport(results=results, num_query=int(len(pids["query"])), num_gallery=int(len(pids["gallery"])),
                            cmc_png=Path(cmc_png), rank_list_png=Path(ranks_png), lines=lines)
     return artifact, report
+
+
+@dataclass
+class CrossDomainReport:
+    """What :func:`cross_domain_step` measured: one row per (train, test) pair, and the heatmap."""
+
+    table: pd.DataFrame
+    heatmap_png: Path
+
+
+def cross_domain_step(encoders: Mapping[str, EncoderArtifact], manifests: Mapping[str, ManifestArtifact],
+                      spec: DeviceSpec, out_dir: Path, *, cache_dir: Path, batch_size: int = 128, max_rank: int = 50,
+                      log: StepLog = _quiet) -> tuple[CrossDomainArtifact, CrossDomainReport]:
+    """Every encoder (trained on the dataset it is keyed by) evaluated on every dataset's query × gallery.
+
+    The train × test matrices of mAP and rank-1 (no re-ranking; the diagonal is in-domain) go into
+    ``cross_domain.json`` and a heatmap ``cross_domain.png`` in ``out_dir``. An SIE encoder uses its
+    camera embedding in-domain only: other datasets' camera ids mean other cameras, so there it sees
+    camera 0 for every image (the embedding is still added, as at training time).
+    """
+    if not encoders or not manifests:
+        raise ValueError(f"cross-domain evaluation needs at least one encoder and one dataset (encoders: "
+                         f"{sorted(encoders) or 'none'}; datasets: {sorted(manifests) or 'none'})")
+    train_names, test_names = sorted(encoders), sorted(manifests)
+    frames = {name: read_manifest(manifests[name]) for name in test_names}
+    records = []
+    for train in train_names:
+        encoder = encoders[train]
+        clip_model, _ = load_frozen_clip(encoder.clip)
+        model, _ = load_reid_model(encoder.weights, clip_model)
+        transform = _test_transform(encoder.clip)
+        for test in test_names:
+            evaluator = ReIDEvaluator(max_rank=max_rank, rerank=False, device=spec.device)
+            for split in ("query", "gallery"):
+                rows = split_rows(frames[test], split)
+                cams = None
+                if model.num_cameras:
+                    cams = rows.camid.to_numpy() if test == train else np.zeros(len(rows), dtype=np.int64)
+                feats = extract_features(model, image_cache(manifests[test], rows, cache_dir, log), None, transform, spec,
+                                         batch_size, cam_ids=cams)
+                evaluator.process(feats, rows.pid.to_numpy(), rows.camid.to_numpy(), split)
+            result = evaluator.evaluate()
+            records.append({"train": train, "test": test, "in_domain": train == test, "mAP": float(result["mAP"]),
+                            "rank-1": float(result["rank-1"]), "mINP": float(result["mINP"]),
+                            "num_valid_queries": int(result["num_valid_queries"])})
+            log(f"trained on {train}, tested on {test}: mAP {result['mAP']:.4f}, rank-1 {result['rank-1']:.4f}")
+    table = pd.DataFrame.from_records(records)
+    grids = {metric: table.pivot(index="train", columns="test", values=metric).loc[train_names, test_names].to_numpy()
+             for metric in ("mAP", "rank-1")}
+    heatmap = plot_cross_domain(grids, train_names, test_names, out_dir / "cross_domain.png")
+    matrix_file = write_json(out_dir / "cross_domain.json", {
+        "train": train_names, "test": test_names, **{k: v.tolist() for k, v in grids.items()}, "pairs": records,
+        "encoders": {k: encoders[k].weights for k in train_names}, "manifests": {k: manifests[k].manifest for k in test_names},
+    })
+    artifact = CrossDomainArtifact(artifact_dir=str(out_dir), matrix_file=str(matrix_file), train_datasets=train_names,
+                                   test_datasets=test_names, mAP=grids["mAP"].tolist(), rank1=grids["rank-1"].tolist(),
+                                   encoder_weights={k: encoders[k].weights for k in train_names})
+    return artifact, CrossDomainReport(table=table, heatmap_png=Path(heatmap))

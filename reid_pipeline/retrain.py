@@ -1,9 +1,13 @@
 """What retraining runs, shared by the sensor and the schedule (Dagster side).
 
-* :func:`changed_source_observations` — fingerprint the sources; observations for those whose version changed;
-* :func:`retrain_selection` — the changed roots and every asset below them that was materialised before;
-* :func:`stale_asset_keys` — what Dagster marks STALE (the one use of private Dagster API, confined here);
-* :func:`runs_in_progress` — queued or running runs that touch some assets (the change then waits);
+* :func:`changed_source_observations` — fingerprint the sources (every dataset's folder on its own);
+  observations for those whose version changed;
+* :func:`retrain_selection` — for one dataset, the changed roots and every asset below them that was
+  materialised before (for that dataset);
+* :func:`retrain_requests` — one run per dataset concerned (a dataset's change concerns it alone; new
+  CLIP weights concern every dataset);
+* :func:`stale_assets` — what Dagster marks STALE, per dataset (the one use of private Dagster API, confined here);
+* :func:`runs_in_progress` — queued or running runs that touch some assets of a dataset (the change then waits);
 * :func:`retrain_run_request` — one run of the selection with the ``REID_RUN_CONFIG`` preset(s), merged
   exactly like repeated ``-c`` files on the CLI (:func:`load_run_preset`).
 """
@@ -18,7 +22,8 @@ from typing import Iterable, Sequence
 import dagster as dg
 import yaml
 
-from reid_pipeline.assets.raw import SOURCE_FINGERPRINTS
+from reid_pipeline.assets.raw import SOURCE_FINGERPRINTS, raw_dataset
+from reid_pipeline.partitions import dataset_partitions
 from reid_pipeline.resources import ReidSettings
 
 __all__ = [
@@ -29,14 +34,20 @@ __all__ = [
     "preset_paths",
     "load_run_config",
     "load_run_preset",
+    "source_name",
     "changed_source_observations",
     "retrain_selection",
+    "retrain_requests",
+    "stale_assets",
     "stale_asset_keys",
     "runs_in_progress",
     "retrain_run_request",
 ]
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster reads an observation's data version from
+PARTITION_TAG = "dagster/partition"
+#: sources observed once per dataset
+PARTITIONED_SOURCES = frozenset({raw_dataset.key})
 _USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
 _ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -125,54 +136,83 @@ def load_run_preset(spec: str | os.PathLike | Sequence[str | os.PathLike] | None
     return ops
 
 
-def _recorded(instance: dg.DagsterInstance, key: dg.AssetKey) -> tuple[str | None, int]:
-    """The data version last recorded for source ``key`` and the storage id of that record (0: none)."""
-    record = instance.get_latest_data_version_record(key, is_source=True)
+def _recorded(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> tuple[str | None, int]:
+    """The data version last recorded for source ``key`` (of one dataset) and the storage id of that record (0: none)."""
+    record = instance.get_latest_data_version_record(key, is_source=True, partition_key=partition)
     if record is None or record.asset_observation is None:
         return None, 0
     return record.asset_observation.tags.get(DATA_VERSION_TAG), record.storage_id
 
 
+def source_name(key: dg.AssetKey, partition: str | None) -> str:
+    """How a source (of one dataset) is named in a sensor cursor and in messages: ``raw_dataset[market1501]``."""
+    return key.to_user_string() + (f"[{partition}]" if partition is not None else "")
+
+
 def changed_source_observations(
-    instance: dg.DagsterInstance, reid: ReidSettings, seen: dict[str, str] | None = None
+    instance: dg.DagsterInstance, reid: ReidSettings, seen: dict[str, str] | None = None,
+    problems: list[str] | None = None,
 ) -> tuple[list[dg.AssetObservation], dict[str, str]]:
-    """Fingerprint every source; observations for those whose version changed, and all fingerprints.
+    """Fingerprint every source — ``raw_dataset`` once per dataset; observations for those whose version
+    changed, and all fingerprints (keyed by :func:`source_name`).
 
     A fingerprint equal to ``seen`` (a sensor cursor) or to the version recorded last in ``instance``
     yields no observation, so re-observing unchanged data records nothing. Each observation carries
     ``previous_record`` (the storage id of the record it supersedes), which makes run keys unique.
+    A source that cannot be fingerprinted (a missing root) raises — or, given a ``problems`` list, is
+    described there and left out, so one missing dataset does not stop the others.
     """
     seen = seen or {}
     current: dict[str, str] = {}
     events: list[dg.AssetObservation] = []
     for key, fingerprint in SOURCE_FINGERPRINTS.items():
-        name = key.to_user_string()
-        version = fingerprint(reid)
-        current[name] = version
-        if seen.get(name) == version:
-            continue
-        recorded, storage_id = _recorded(instance, key)
-        if recorded == version:
-            continue
-        events.append(
-            dg.AssetObservation(
-                asset_key=key,
-                tags={DATA_VERSION_TAG: version, _USER_PROVIDED_TAG: "true"},
-                metadata={"fingerprint": version, "previous_version": recorded or "none", "previous_record": storage_id},
+        for partition in (dataset_partitions.get_partition_keys() if key in PARTITIONED_SOURCES else [None]):
+            name = source_name(key, partition)
+            try:
+                version = fingerprint(reid, partition)
+            except (OSError, ValueError) as exc:
+                if problems is None:
+                    raise
+                problems.append(f"{name}: {exc}")
+                continue
+            current[name] = version
+            if seen.get(name) == version:
+                continue
+            recorded, storage_id = _recorded(instance, key, partition)
+            if recorded == version:
+                continue
+            events.append(
+                dg.AssetObservation(
+                    asset_key=key,
+                    partition=partition,
+                    tags={DATA_VERSION_TAG: version, _USER_PROVIDED_TAG: "true"},
+                    metadata={"fingerprint": version, "previous_version": recorded or "none", "previous_record": storage_id},
+                )
             )
-        )
     return events, current
 
 
-def _materialised(instance: dg.DagsterInstance, keys: Iterable[dg.AssetKey]) -> set[dg.AssetKey]:
+def _partitioned(asset_graph, key: dg.AssetKey) -> bool:
+    return asset_graph.get(key).partitions_def is not None
+
+
+def _materialised(instance: dg.DagsterInstance, asset_graph, keys: Iterable[dg.AssetKey],
+                  partition: str | None) -> set[dg.AssetKey]:
+    """Which of ``keys`` were materialised before: unpartitioned ones at all, per-dataset ones for ``partition``."""
     keys = list(keys)
-    return {record.asset_entry.asset_key for record in instance.get_asset_records(keys)
-            if record.asset_entry.last_materialization_record}
+    plain = [k for k in keys if not _partitioned(asset_graph, k)]
+    found = {record.asset_entry.asset_key for record in instance.get_asset_records(plain)
+             if record.asset_entry.last_materialization_record}
+    if partition is not None:
+        found |= {k for k in keys if _partitioned(asset_graph, k) and partition in instance.get_materialized_partitions(k)}
+    return found
 
 
-def retrain_selection(asset_graph, instance: dg.DagsterInstance, roots: Iterable[dg.AssetKey]) -> list[dg.AssetKey]:
-    """What retraining from ``roots`` runs: the observable roots (re-observed first) and every
-    materialisable root or descendant that has been materialised before (sorted).
+def retrain_selection(asset_graph, instance: dg.DagsterInstance, roots: Iterable[dg.AssetKey],
+                      partition: str | None = None) -> list[dg.AssetKey]:
+    """What retraining from ``roots`` runs for one dataset (``partition``; None: the unpartitioned assets
+    only): the observable roots (re-observed first) and every materialisable root or descendant that has
+    been materialised before — for that dataset, where the asset is per dataset (sorted).
 
     Never-materialised assets are left out: the first, expensive build stays a deliberate action.
     """
@@ -183,13 +223,39 @@ def retrain_selection(asset_graph, instance: dg.DagsterInstance, roots: Iterable
         children = {child for key in frontier for child in asset_graph.get(key).child_keys}
         frontier = children - below
         below |= children
-    materialisable = {k for k in set(roots) | below if asset_graph.get(k).is_materializable}
-    observed = {k for k in roots if asset_graph.get(k).is_observable}
-    return sorted(observed | _materialised(instance, materialisable), key=lambda k: k.to_user_string())
+    candidates = {k for k in set(roots) | below if partition is not None or not _partitioned(asset_graph, k)}
+    materialisable = {k for k in candidates if asset_graph.get(k).is_materializable}
+    observed = {k for k in roots if k in candidates and asset_graph.get(k).is_observable}
+    return sorted(observed | _materialised(instance, asset_graph, materialisable, partition),
+                  key=lambda k: k.to_user_string())
 
 
-def stale_asset_keys(instance: dg.DagsterInstance, asset_graph) -> set[dg.AssetKey]:
-    """Materialisable assets Dagster marks STALE: an input's data version or their code version changed.
+def retrain_requests(asset_graph, instance: dg.DagsterInstance, roots: dict[str | None, set[dg.AssetKey]], *,
+                     trigger: str, run_key: str | None = None) -> list[dg.RunRequest]:
+    """One run per dataset whose assets need retraining from ``roots`` (dataset → root keys; ``None`` →
+    unpartitioned roots such as ``clip_weights``, which concern every dataset). Each run also holds the
+    unpartitioned assets below its roots (``frozen_clip``, ``cross_domain_metrics``) when they were
+    materialised before; when no dataset is concerned, one unpartitioned run of those alone."""
+    shared = set(roots.get(None, set()))
+    requests = []
+    for partition in dataset_partitions.get_partition_keys():
+        own = set(roots.get(partition, set())) | shared
+        if not own:
+            continue
+        selection = retrain_selection(asset_graph, instance, own, partition)
+        if any(_partitioned(asset_graph, k) and asset_graph.get(k).is_materializable for k in selection):
+            key = f"{run_key}-{partition}" if run_key else None
+            requests.append(retrain_run_request(asset_graph, selection, trigger=trigger, run_key=key, partition=partition))
+    if shared and not requests:
+        request = retrain_run_request(asset_graph, retrain_selection(asset_graph, instance, shared), trigger=trigger,
+                                      run_key=run_key)
+        requests += [request] if request else []
+    return [r for r in requests if r is not None]
+
+
+def stale_assets(instance: dg.DagsterInstance, asset_graph) -> dict[str | None, set[dg.AssetKey]]:
+    """Materialisable assets Dagster marks STALE (an input's data version or their code version changed),
+    by dataset: ``{partition: keys}``, ``None`` for the unpartitioned assets.
 
     Dagster has no public API for an asset's stale status outside the UI/GraphQL: this is the one place
     that reaches into ``dagster._core``; ``test_private_dagster_api`` fails loudly on an upgrade that moves it.
@@ -203,23 +269,40 @@ def stale_asset_keys(instance: dg.DagsterInstance, asset_graph) -> set[dg.AssetK
         asset_graph=asset_graph,
     )
     resolver = CachingStaleStatusResolver(instance, asset_graph, view)
-    return {k for k in asset_graph.materializable_asset_keys if resolver.get_status(k) == StaleStatus.STALE}
+    stale: dict[str | None, set[dg.AssetKey]] = {}
+    for key in asset_graph.materializable_asset_keys:
+        partitions = sorted(instance.get_materialized_partitions(key)) if _partitioned(asset_graph, key) else [None]
+        for partition in partitions:
+            if resolver.get_status(key, partition) == StaleStatus.STALE:
+                stale.setdefault(partition, set()).add(key)
+    return stale
 
 
-def runs_in_progress(instance: dg.DagsterInstance, keys: Iterable[dg.AssetKey]) -> list[str]:
-    """Ids of queued or running runs that (may) touch any of ``keys``."""
+def stale_asset_keys(instance: dg.DagsterInstance, asset_graph) -> set[dg.AssetKey]:
+    """The assets stale for some dataset (or unpartitioned and stale): :func:`stale_assets` without the datasets."""
+    return set().union(*stale_assets(instance, asset_graph).values())
+
+
+def runs_in_progress(instance: dg.DagsterInstance, keys: Iterable[dg.AssetKey], partition: str | None = None) -> list[str]:
+    """Ids of queued or running runs that (may) touch any of ``keys`` — of dataset ``partition`` when given
+    (a run of another dataset does not count; a run of no dataset or of every one does)."""
     keys = set(keys)
     busy = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=_ACTIVE_STATUSES)):
+        other = run.tags.get(PARTITION_TAG)
+        if partition is not None and other is not None and other != partition:
+            continue
         if run.asset_selection is None or run.asset_selection & keys:
             busy.append(run.run_id)
     return busy
 
 
 def retrain_run_request(
-    asset_graph, selection: Sequence[dg.AssetKey], *, trigger: str, run_key: str | None = None
+    asset_graph, selection: Sequence[dg.AssetKey], *, trigger: str, run_key: str | None = None,
+    partition: str | None = None,
 ) -> dg.RunRequest | None:
-    """One run of ``selection`` with the preset's op config for the selected assets (None: nothing to build)."""
+    """One run of ``selection`` (for dataset ``partition``) with the preset's op config for the selected
+    assets (None: nothing to build)."""
     if not any(asset_graph.get(k).is_materializable for k in selection):
         return None
     preset = load_run_preset()
@@ -228,4 +311,5 @@ def retrain_run_request(
     tags = {"reid/trigger": trigger}
     if os.environ.get("REID_RUN_CONFIG"):
         tags["reid/run_config"] = os.environ["REID_RUN_CONFIG"]
-    return dg.RunRequest(run_key=run_key, asset_selection=list(selection), run_config=run_config, tags=tags)
+    return dg.RunRequest(run_key=run_key, asset_selection=list(selection), run_config=run_config, tags=tags,
+                         partition_key=partition)

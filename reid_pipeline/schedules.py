@@ -1,8 +1,9 @@
 """``nightly_retrain_schedule``: catch what the sensor does not react to.
 
 Nightly (``REID_RETRAIN_CRON``, default 03:00 UTC) it re-observes the sources, finds the stale assets
-(new input version or new ``code_version``) and requests one run of them and everything materialised
-below them, with the ``REID_RUN_CONFIG`` preset(s); when everything is fresh the tick is skipped.
+of each dataset (new input version or new ``code_version``) and requests one run per dataset concerned,
+of them and everything materialised below them, with the ``REID_RUN_CONFIG`` preset(s); when everything
+is fresh the tick is skipped.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from reid_pipeline.resources import ReidSettings
 from reid_pipeline.retrain import (
     automation_default_status,
     changed_source_observations,
-    retrain_run_request,
-    retrain_selection,
+    retrain_requests,
     runs_in_progress,
-    stale_asset_keys,
+    stale_assets,
 )
 
 __all__ = ["nightly_retrain_schedule"]
@@ -36,19 +36,30 @@ __all__ = ["nightly_retrain_schedule"]
         "everything materialised below them, with the REID_RUN_CONFIG preset; skipped when everything is fresh."
     ),
 )
-def nightly_retrain_schedule(context: dg.ScheduleEvaluationContext, reid: ReidSettings) -> dg.RunRequest | dg.SkipReason:
+def nightly_retrain_schedule(context: dg.ScheduleEvaluationContext,
+                             reid: ReidSettings) -> list[dg.RunRequest] | dg.SkipReason:
     instance = context.instance
-    events, _ = changed_source_observations(instance, reid)
+    problems: list[str] = []
+    events, _ = changed_source_observations(instance, reid, problems=problems)
+    for problem in problems:
+        context.log.warning(f"cannot observe {problem}")
     for event in events:
         instance.report_runless_asset_event(event)
-        context.log.info(f"{event.asset_key.to_user_string()} changed since it was last observed")
+        context.log.info(f"{event.asset_key.to_user_string()} {event.partition or ''} changed since it was last observed")
     graph = context.repository_def.asset_graph
-    roots = {e.asset_key for e in events} | stale_asset_keys(instance, graph)
+    roots = stale_assets(instance, graph)
+    for event in events:
+        roots.setdefault(event.partition, set()).add(event.asset_key)
     if not roots:
         return dg.SkipReason("everything is fresh")
-    selection = retrain_selection(graph, instance, roots)
-    busy = runs_in_progress(instance, selection)
-    if busy:
-        return dg.SkipReason(f"stale assets, but run(s) in progress: {', '.join(busy)}")
-    request = retrain_run_request(graph, selection, trigger="nightly, stale")
-    return request or dg.SkipReason("only never-materialised assets are affected")
+    requests = retrain_requests(graph, instance, roots, trigger="nightly, stale")
+    if not requests:
+        return dg.SkipReason("only never-materialised assets are affected")
+    ready = []
+    for request in requests:
+        busy = runs_in_progress(instance, request.asset_selection, request.partition_key)
+        if busy:
+            context.log.info(f"{request.partition_key or 'shared assets'}: stale, but run(s) in progress: {', '.join(busy)}")
+        else:
+            ready.append(request)
+    return ready or dg.SkipReason("stale assets, but run(s) in progress")

@@ -1,11 +1,13 @@
-"""``reid_retrain_sensor``: retrain when the data or the CLIP weights change.
+"""``reid_retrain_sensor``: retrain when a dataset's folder or the CLIP weights change.
 
-Polls the two source assets (``raw_dataset``, ``clip_weights``) by their cheap fingerprints. When a
-fingerprint differs from the version recorded last, it records an observation with the new version
-(the UI marks the consumers stale at once) and requests **one** run of :data:`~reid_pipeline.jobs.reid_job`
-restricted to the changed sources and every asset below them that has been materialised before, with
-the ``REID_RUN_CONFIG`` preset(s). An unchanged folder records and requests nothing. While a run that
-touches those assets is queued or in progress, the change waits for the next tick.
+Polls the sources (``raw_dataset`` once per dataset partition, ``clip_weights``) by their cheap
+fingerprints. When a fingerprint differs from the version recorded last, it records an observation
+with the new version (the UI marks that dataset's consumers stale at once) and requests **one** run
+per dataset concerned — a dataset's change concerns that dataset alone, new CLIP weights every dataset
+— of :data:`~reid_pipeline.jobs.reid_job`, restricted to the changed sources and every asset below them
+that has been materialised before (for that dataset), with the ``REID_RUN_CONFIG`` preset(s). An
+unchanged folder records and requests nothing. While a run that touches a dataset's assets is queued or
+in progress, that dataset's change waits for the next tick (a CLIP change waits for every dataset).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from reid_pipeline.retrain import (
     automation_default_status,
     changed_source_observations,
     env_seconds,
-    retrain_run_request,
-    retrain_selection,
+    retrain_requests,
     runs_in_progress,
+    source_name,
 )
 
 __all__ = ["retrain_sensor"]
@@ -36,9 +38,9 @@ __all__ = ["retrain_sensor"]
     minimum_interval_seconds=env_seconds("REID_OBSERVE_INTERVAL_S", 60),
     default_status=automation_default_status(),
     description=(
-        "Fingerprints raw_dataset and clip_weights (names, sizes, mtimes). On a change: records the new version and "
-        "requests one run of the materialised assets below it, with the REID_RUN_CONFIG preset. "
-        "Interval: REID_OBSERVE_INTERVAL_S (default 60 s)."
+        "Fingerprints each dataset's raw_dataset partition and clip_weights (names, sizes, mtimes). On a change: records "
+        "the new version and requests one run per dataset concerned, of the materialised assets below it, with the "
+        "REID_RUN_CONFIG preset. Interval: REID_OBSERVE_INTERVAL_S (default 60 s)."
     ),
 )
 def retrain_sensor(context: dg.SensorEvaluationContext, reid: ReidSettings) -> dg.SensorResult | dg.SkipReason:
@@ -47,21 +49,49 @@ def retrain_sensor(context: dg.SensorEvaluationContext, reid: ReidSettings) -> d
     except json.JSONDecodeError:
         context.log.warning(f"ignoring an unreadable cursor {context.cursor!r}")
         seen = {}
-    events, current = changed_source_observations(context.instance, reid, seen)
-    cursor = json.dumps(current, sort_keys=True)
+    problems: list[str] = []
+    events, current = changed_source_observations(context.instance, reid, seen, problems=problems)
+    for problem in problems:
+        context.log.warning(f"cannot observe {problem}")
+    current = {**seen, **current}  # a source that could not be observed keeps its last fingerprint
     if not events:
-        return dg.SensorResult(skip_reason=dg.SkipReason("no source changed"), cursor=cursor)
+        reason = "no source changed" + (f" ({len(problems)} could not be observed: {'; '.join(problems)})" if problems else "")
+        return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=json.dumps(current, sort_keys=True))
     graph = context.repository_def.asset_graph
-    selection = retrain_selection(graph, context.instance, [e.asset_key for e in events])
-    busy = runs_in_progress(context.instance, selection)
-    if busy:  # keep the old cursor: the change is picked up once those runs are done
-        return dg.SkipReason(f"sources changed, waiting for run(s) in progress: {', '.join(busy)}")
+    by_partition: dict[str | None, list[dg.AssetObservation]] = {}
     for event in events:
-        context.log.info(f"{event.asset_key.to_user_string()} changed: new version {event.tags[DATA_VERSION_TAG][:12]}")
-    run_key = hashlib.sha256(
-        json.dumps(
-            sorted((e.asset_key.to_user_string(), e.tags[DATA_VERSION_TAG], e.metadata["previous_record"].value) for e in events)
-        ).encode()
-    ).hexdigest()[:24]
-    request = retrain_run_request(graph, selection, trigger="source changed", run_key=run_key)
-    return dg.SensorResult(asset_events=events, run_requests=[request] if request else [], cursor=cursor)
+        by_partition.setdefault(event.partition, []).append(event)
+    waiting: dict[str, list[str]] = {}
+    for partition in [p for p in by_partition if p is not None] or ([None] if None in by_partition else []):
+        roots = {None: {e.asset_key for e in by_partition.get(None, [])}}
+        if partition is not None:
+            roots[partition] = {e.asset_key for e in by_partition[partition]}
+        keys = {k for r in retrain_requests(graph, context.instance, roots, trigger="") for k in r.asset_selection}
+        busy = runs_in_progress(context.instance, keys, partition)
+        if busy:
+            waiting[str(partition)] = busy
+    if waiting and None in by_partition:  # new CLIP weights concern every dataset: wait for all of them
+        return dg.SkipReason(f"sources changed, waiting for run(s) in progress: "
+                             f"{', '.join(sorted({r for runs in waiting.values() for r in runs}))}")
+    kept = [e for e in events if str(e.partition) not in waiting]
+    for event in events:  # a waiting dataset's change is picked up once its runs are done
+        if str(event.partition) in waiting:
+            name = source_name(event.asset_key, event.partition)
+            if name in seen:
+                current[name] = seen[name]
+            else:
+                current.pop(name)
+    if not kept:
+        return dg.SkipReason(f"sources changed, waiting for run(s) in progress: "
+                             f"{', '.join(sorted({r for runs in waiting.values() for r in runs}))}")
+    for event in kept:
+        context.log.info(f"{source_name(event.asset_key, event.partition)} changed: new version "
+                         f"{event.tags[DATA_VERSION_TAG][:12]}")
+    run_key = hashlib.sha256(json.dumps(sorted(
+        (source_name(e.asset_key, e.partition), e.tags[DATA_VERSION_TAG], e.metadata["previous_record"].value) for e in kept
+    )).encode()).hexdigest()[:24]
+    roots: dict[str | None, set[dg.AssetKey]] = {}
+    for event in kept:
+        roots.setdefault(event.partition, set()).add(event.asset_key)
+    requests = retrain_requests(graph, context.instance, roots, trigger="source changed", run_key=run_key)
+    return dg.SensorResult(asset_events=kept, run_requests=requests, cursor=json.dumps(current, sort_keys=True))

@@ -13,6 +13,7 @@ import dagster as dg
 import pandas as pd
 
 from reid_pipeline.evaluation.plots import thumbnail_png
+from reid_pipeline.partitions import partition_of
 from reid_pipeline.pipeline import version_of
 from reid_pipeline.resources import ReidSettings
 from reid_pipeline.training.loop import remove_training_state
@@ -29,8 +30,8 @@ class Overrides(dg.Config):
 
 
 def output_dir(context: dg.AssetExecutionContext, reid: ReidSettings) -> Path:
-    """A fresh, timestamped folder for this materialisation of the asset."""
-    return reid.new_artifact_dir(context.asset_key.to_python_identifier(), context.run.run_id)
+    """A fresh, timestamped folder for this materialisation of the asset (in its dataset's folder)."""
+    return reid.new_artifact_dir(context.asset_key.to_python_identifier(), context.run.run_id, partition_of(context))
 
 
 @contextmanager
@@ -43,7 +44,7 @@ def resume_state(context: dg.AssetExecutionContext, reid: ReidSettings, *parts: 
     while the first is alive fails at once, naming the holder (the lock dies with its process).
     """
     key = version_of(*parts)
-    folder = reid.work_dir(context.asset_key.to_python_identifier(), key)
+    folder = reid.work_dir(context.asset_key.to_python_identifier(), key, partition_of(context))
     lock_path = folder.with_name(f"{key}.lock")
     with open(lock_path, "a+") as lock:
         try:

@@ -8,6 +8,7 @@ from pydantic import Field
 from reid_pipeline.artifacts import ManifestArtifact
 from reid_pipeline.assets._common import OWNERS, Overrides, output_dir, table_metadata
 from reid_pipeline.assets.raw import raw_dataset
+from reid_pipeline.partitions import dataset_partitions, partition_of
 from reid_pipeline.pipeline import manifest_step, summary_table
 from reid_pipeline.resources import ReidSettings
 
@@ -21,19 +22,20 @@ class DatasetManifestConfig(Overrides):
         default=None, description="error (default) | skip (skipped images are listed in metadata)")
 
 
-@dg.asset(deps=[raw_dataset], group_name="data", kinds={"pandas", "parquet"}, owners=OWNERS,
-          code_version=MANIFEST_CODE_VERSION,
-          description="Every usable image of the dataset: path, pid, camid, split, label (parquet).")
+@dg.asset(deps=[raw_dataset], group_name="data", partitions_def=dataset_partitions, kinds={"pandas", "parquet"},
+          owners=OWNERS, code_version=MANIFEST_CODE_VERSION,
+          description="Every usable image of one dataset (partition): path, pid, camid, split, label (parquet).")
 def dataset_manifest(context: dg.AssetExecutionContext, config: DatasetManifestConfig,
                      reid: ReidSettings) -> dg.Output[ManifestArtifact]:
-    root = reid.data_root_path()
-    context.log.info(f"building the manifest of {root}")
+    dataset = partition_of(context)
+    root = reid.dataset_root(dataset)
+    context.log.info(f"building the manifest of {dataset} at {root}")
     artifact, df, report = manifest_step(root, output_dir(context, reid), external_links=reid.external_links,
-                                         **config.overrides())
+                                         dataset=dataset, **config.overrides())
     for warning in report.warnings:
         context.log.warning(warning)
     metadata = {
-        "root": dg.MetadataValue.path(str(root)), "layout": report.layout,
+        "dataset": dataset, "root": dg.MetadataValue.path(str(root)), "layout": report.layout,
         "manifest": dg.MetadataValue.path(artifact.manifest), "fingerprint": artifact.fingerprint,
         "num_images": len(df), "num_train_ids": artifact.num_classes, "per_split": table_metadata(summary_table(df)),
         "preview": table_metadata(df, 10), "skipped_unparseable_names": report.num_skipped,

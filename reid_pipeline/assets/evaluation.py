@@ -1,4 +1,5 @@
-"""``reid_features`` and ``evaluation_metrics`` — the Market-1501 protocol on query × gallery."""
+"""``reid_features`` and ``evaluation_metrics`` — the Market-1501 protocol on each dataset's query ×
+gallery — and ``cross_domain_metrics``: every dataset's encoder tested on every dataset."""
 
 from typing import Optional
 
@@ -6,13 +7,15 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
-from reid_pipeline.artifacts import EncoderArtifact, FeaturesArtifact, ManifestArtifact
-from reid_pipeline.assets._common import OWNERS, Overrides, output_dir, picture_metadata
-from reid_pipeline.pipeline import EvaluationSettings, features_step, metrics_step
-from reid_pipeline.resources import ReidSettings, TrainingDevice
+from reid_pipeline.artifacts import CrossDomainArtifact, EncoderArtifact, FeaturesArtifact, ManifestArtifact
+from reid_pipeline.assets._common import OWNERS, Overrides, output_dir, picture_metadata, table_metadata
+from reid_pipeline.partitions import dataset_partitions
+from reid_pipeline.pipeline import EvaluationSettings, cross_domain_step, features_step, metrics_step
+from reid_pipeline.resources import ALL_DATASETS, ReidSettings, TrainingDevice
 
 FEATURES_CODE_VERSION = "2"
 METRICS_CODE_VERSION = "2"
+CROSS_DOMAIN_CODE_VERSION = "1"
 
 
 class ReidFeaturesConfig(dg.Config):
@@ -21,7 +24,8 @@ class ReidFeaturesConfig(dg.Config):
         default="fp32", description="fp32 (as CLIP-ReID extracts test features) or 'train': the training precision.")
 
 
-@dg.asset(group_name="evaluation", kinds={"pytorch", "safetensors"}, owners=OWNERS, code_version=FEATURES_CODE_VERSION,
+@dg.asset(partitions_def=dataset_partitions, group_name="evaluation", kinds={"pytorch", "safetensors"}, owners=OWNERS,
+          code_version=FEATURES_CODE_VERSION,
           description="Query and gallery features of the fine-tuned encoder and of the frozen CLIP (baseline).")
 def reid_features(context: dg.AssetExecutionContext, config: ReidFeaturesConfig, reid: ReidSettings,
                   device: TrainingDevice, dataset_manifest: ManifestArtifact,
@@ -44,7 +48,8 @@ class EvaluationConfig(Overrides):
 
 
 @dg.asset(
-    group_name="evaluation", kinds={"pytorch"}, owners=OWNERS, code_version=METRICS_CODE_VERSION,
+    partitions_def=dataset_partitions, group_name="evaluation", kinds={"pytorch"}, owners=OWNERS,
+    code_version=METRICS_CODE_VERSION,
     description="mAP, CMC and mINP (plain, re-ranked, and the frozen-CLIP baseline), CMC plot and rank lists.",
     check_specs=[
         dg.AssetCheckSpec("metrics_in_range", asset="evaluation_metrics", description="All metrics finite and in [0, 1]."),
@@ -79,3 +84,49 @@ def evaluation_metrics(context: dg.AssetExecutionContext, config: EvaluationConf
     yield dg.AssetCheckResult(check_name="minimum_map", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
                               metadata={"mAP": metrics["mAP"],
                                         "min_map": config.min_map if config.min_map is not None else "not set"})
+
+
+class CrossDomainConfig(dg.Config):
+    batch_size: int = Field(default=128, description="Images per forward pass.")
+    max_rank: int = Field(default=50, description="CMC ranks computed.")
+
+
+_ALL_DATASETS = dg.AssetIn(partition_mapping=dg.AllPartitionMapping(), metadata={ALL_DATASETS: True})
+
+
+@dg.asset(group_name="evaluation", kinds={"pytorch"}, owners=OWNERS, code_version=CROSS_DOMAIN_CODE_VERSION,
+          ins={"visual_encoder": _ALL_DATASETS, "dataset_manifest": _ALL_DATASETS},
+          description="Cross-domain transfer: every dataset's fine-tuned encoder evaluated on every dataset's query × "
+                      "gallery — the train × test matrices of mAP and rank-1 (table and heatmap; the diagonal is "
+                      "in-domain). Datasets without a trained encoder are columns only.")
+def cross_domain_metrics(context: dg.AssetExecutionContext, config: CrossDomainConfig, reid: ReidSettings,
+                         device: TrainingDevice, visual_encoder: dict, dataset_manifest: dict) -> dg.Output[CrossDomainArtifact]:
+    if not visual_encoder:
+        known = ", ".join(dataset_partitions.get_partition_keys())
+        raise dg.Failure(f"no dataset has a trained visual_encoder yet (datasets: {known}) — materialise visual_encoder "
+                         "for at least one partition first")
+    spec = device.spec().for_inference("fp32")
+    artifact, report = cross_domain_step(visual_encoder, dataset_manifest, spec, output_dir(context, reid),
+                                         cache_dir=reid.image_cache_dir(), batch_size=config.batch_size,
+                                         max_rank=config.max_rank, log=context.log.info)
+    untrained = sorted(set(dataset_manifest) - set(visual_encoder))
+    table = report.table
+    off = table[~table.in_domain]
+    return dg.Output(artifact, metadata={
+        "pairs": table_metadata(table.drop(columns=["in_domain"]), max_rows=100),
+        "mAP_matrix": dg.MetadataValue.md(_markdown_matrix(artifact.train_datasets, artifact.test_datasets, artifact.mAP)),
+        "rank1_matrix": dg.MetadataValue.md(_markdown_matrix(artifact.train_datasets, artifact.test_datasets,
+                                                             artifact.rank1)),
+        "mean_in_domain_mAP": float(table[table.in_domain].mAP.mean()) if table.in_domain.any() else float("nan"),
+        "mean_cross_domain_mAP": float(off.mAP.mean()) if len(off) else float("nan"),
+        "datasets_without_encoder": dg.MetadataValue.json(untrained),
+        "matrix_json": dg.MetadataValue.path(artifact.matrix_file),
+        **picture_metadata("heatmap", report.heatmap_png, max_side=480),
+    })
+
+
+def _markdown_matrix(rows: list[str], cols: list[str], values: list[list[float]]) -> str:
+    head = "| trained on \\ tested on | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    lines += [f"| {r} | " + " | ".join(f"{v * 100:.1f}" for v in row) + " |" for r, row in zip(rows, values)]
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ from pydantic import Field
 from reid_pipeline.artifacts import EncoderArtifact, GalleryIndexArtifact, ManifestArtifact, OnnxArtifact
 from reid_pipeline.assets._common import OWNERS, output_dir
 from reid_pipeline.inference import ReIDPredictor, build_gallery_index, export_onnx, list_images
+from reid_pipeline.partitions import dataset_partitions
 from reid_pipeline.pipeline import read_manifest, split_rows
 from reid_pipeline.resources import ReidSettings, TrainingDevice
 
@@ -24,7 +25,8 @@ def _predictor(visual_encoder: EncoderArtifact, device: TrainingDevice) -> ReIDP
     return ReIDPredictor.load(visual_encoder.artifact_dir, device=str(device.spec().device), precision="fp32")
 
 
-@dg.asset(group_name="serving", kinds={"pytorch", "safetensors"}, owners=OWNERS, code_version=SERVING_CODE_VERSION,
+@dg.asset(partitions_def=dataset_partitions, group_name="serving", kinds={"pytorch", "safetensors"}, owners=OWNERS,
+          code_version=SERVING_CODE_VERSION,
           description="The searchable gallery (features, paths, ids, cameras) of the fine-tuned encoder — what "
                       "`reid-search query --index` and GalleryIndex.load serve.")
 def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig, reid: ReidSettings,
@@ -52,7 +54,8 @@ class OnnxEncoderConfig(dg.Config):
     atol: float = Field(default=1e-4, description="Max abs difference allowed on L2-normalised features.")
 
 
-@dg.asset(group_name="serving", kinds={"onnx"}, owners=OWNERS, code_version=SERVING_CODE_VERSION,
+@dg.asset(partitions_def=dataset_partitions, group_name="serving", kinds={"onnx"}, owners=OWNERS,
+          code_version=SERVING_CODE_VERSION,
           description="The fine-tuned image encoder in ONNX (dynamic batch), checked with onnxruntime against PyTorch "
                       "on real gallery images: features within atol and identical top-10.")
 def onnx_encoder(context: dg.AssetExecutionContext, config: OnnxEncoderConfig, reid: ReidSettings,

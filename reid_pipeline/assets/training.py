@@ -14,6 +14,7 @@ from pydantic import Field
 from reid_pipeline.artifacts import FrozenClipArtifact, ManifestArtifact, PromptArtifact
 from reid_pipeline.assets._common import OWNERS, output_dir, picture_metadata, resume_state, training_metadata
 from reid_pipeline.assets.launch import Launchable, run_encoder_step, run_prompts_step
+from reid_pipeline.partitions import dataset_partitions
 from reid_pipeline.pools import GPU_OP_TAGS, GPU_POOL
 from reid_pipeline.resources import ReidSettings, TrainingDevice
 from reid_pipeline.training.stage1 import Stage1Config
@@ -24,12 +25,12 @@ STAGE2_CODE_VERSION = "2"
 
 
 def training_asset(name: str, **kwargs):
-    """``@dg.asset`` for a training step: group ``training``, the ``gpu`` pool, the k8s GPU tags and the
-    ``loss_decreased`` check."""
+    """``@dg.asset`` for a training step: one partition per dataset, group ``training``, the ``gpu`` pool,
+    the k8s GPU tags and the ``loss_decreased`` check."""
     check = dg.AssetCheckSpec("loss_decreased", asset=name,
                               description="Training did not diverge: the last epoch's loss is below the first's.")
     return dg.asset(name=name, group_name="training", kinds={"pytorch", "gpu", "safetensors"}, owners=OWNERS,
-                    pool=GPU_POOL, op_tags=GPU_OP_TAGS, check_specs=[check], **kwargs)
+                    partitions_def=dataset_partitions, pool=GPU_POOL, op_tags=GPU_OP_TAGS, check_specs=[check], **kwargs)
 
 
 def _loss_check(context: dg.AssetExecutionContext, result) -> dg.AssetCheckResult:

@@ -1,4 +1,4 @@
-"""Pictures of results: training curves, CMC curves and rank lists (PNG), without any GUI backend.
+"""Pictures of results: training curves, CMC curves, rank lists and cross-domain heatmaps (PNG), without any GUI backend.
 
 Matplotlib is driven through its Agg canvas directly (no ``pyplot`` global state), so these
 functions are safe in worker processes and never change the caller's backend.
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..storage import atomic_write_bytes
 
-__all__ = ["plot_cmc", "plot_rank_list", "plot_training_history", "select_rank_list", "thumbnail_png"]
+__all__ = ["plot_cmc", "plot_cross_domain", "plot_rank_list", "plot_training_history", "select_rank_list", "thumbnail_png"]
 
 MATCH_COLOR = (0, 170, 0)
 MISMATCH_COLOR = (220, 0, 0)
@@ -124,6 +124,51 @@ def plot_cmc(
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
+    return _save_figure(fig, out_path)
+
+
+def plot_cross_domain(
+    matrices: Mapping[str, Any],
+    train_names: Sequence[str],
+    test_names: Sequence[str],
+    out_path: str | os.PathLike | None = None,
+    dpi: int = 100,
+) -> bytes | Path:
+    """Heatmaps of train × test matrices (metric name → ``(len(train_names), len(test_names))`` values in
+    [0, 1]), one panel per metric, each cell labelled in percent; the diagonal is in-domain.
+
+    Returns the PNG bytes, or writes them atomically to ``out_path`` and returns that path.
+    """
+    if not matrices:
+        raise ValueError("plot_cross_domain needs at least one matrix (got an empty mapping)")
+    shape = (len(train_names), len(test_names))
+    arrays = {}
+    for name, values in matrices.items():
+        arr = _to_numpy(values).astype(np.float64)
+        if arr.shape != shape:
+            raise ValueError(f"cross-domain matrix {name!r} has shape {arr.shape}, expected {shape} (train × test)")
+        if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"cross-domain matrix {name!r} must hold values in [0, 1]")
+        arrays[name] = arr
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    side = 1.2 + 0.9 * max(shape)
+    fig = Figure(figsize=(side * len(arrays) + 0.8, side), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i, (name, arr) in enumerate(arrays.items()):
+        ax = fig.add_subplot(1, len(arrays), i + 1)
+        image = ax.imshow(arr * 100.0, vmin=0.0, vmax=100.0, cmap="viridis")
+        for r in range(shape[0]):
+            for c in range(shape[1]):
+                ax.text(c, r, f"{arr[r, c] * 100:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if arr[r, c] < 0.6 else "black")
+        ax.set_xticks(range(shape[1]), list(test_names), rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(shape[0]), list(train_names), fontsize=8)
+        ax.set_xlabel("tested on")
+        ax.set_ylabel("trained on")
+        ax.set_title(f"{name} (%)")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return _save_figure(fig, out_path)
 
 
