@@ -35,8 +35,8 @@ embedded: setup
 # their versions and the retrain sensor finds nothing new afterwards.
 # It ends with a search: the top-5 gallery matches of one query image, and their picture.
 demo: embedded
-	$(DG) launch --assets 'raw_dataset*,clip_weights*' -c configs/demo.yaml
-	$(VENV)/bin/reid-search query --index "$$(dirname $$(ls artifacts/gallery_index/*/index/index.json | sort | tail -1))" \
+	$(DG) launch --assets 'raw_dataset*,clip_weights*' --partition synthetic -c configs/demo.yaml
+	$(VENV)/bin/reid-search query --index "$$(dirname $$(ls artifacts/gallery_index/synthetic/*/index/index.json | sort | tail -1))" \
 	  "$$(ls data/embedded/synthetic/query/* | sort | head -1)" --top-k 5 --png artifacts/demo_search.png
 	@echo "rank list of that query: artifacts/demo_search.png"
 

@@ -24,5 +24,11 @@ dataset_partitions = dg.StaticPartitionsDefinition(sorted(CONFIGURED_DATASETS))
 
 
 def partition_of(context) -> str | None:
-    """The dataset (partition key) a step runs for, None for an unpartitioned step."""
-    return context.partition_key if getattr(context, "has_partition_key", False) else None
+    """The dataset (partition key) a step runs for; None for an unpartitioned asset, also when it runs in
+    a dataset's run (``frozen_clip``, ``cross_domain_metrics``)."""
+    if not getattr(context, "has_partition_key", False):
+        return None
+    assets_def = getattr(context, "assets_def", None)
+    if assets_def is not None and assets_def.partitions_def is None:
+        return None
+    return context.partition_key

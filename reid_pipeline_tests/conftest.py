@@ -67,5 +67,6 @@ def cli_env(dagster_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["DAGSTER_HOME"] = str(dagster_home)
     env.pop("REID_DATA_ROOT", None)
+    env.pop("REID_DATASETS", None)
     env.pop("REID_CLIP_WEIGHTS", None)
     return env

@@ -16,6 +16,9 @@ from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
 
+DATASET = "synthetic-ci"  # the CI preset's dataset partition
+
+
 def _ci_config(tmp_path: Path, min_map: float | None = None, **overrides) -> Path:
     config = yaml.safe_load((PROJECT_ROOT / "configs" / "ci.yaml").read_text())
     config["resources"]["reid"]["config"]["storage_dir"] = str(tmp_path / "artifacts")
@@ -40,34 +43,43 @@ def test_definitions_validate(dagster_home):
     assert "Validation successful" in proc.stderr + proc.stdout
 
 
-ALL_ASSETS = ("dataset_manifest", "frozen_clip", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics",
-              "gallery_index", "onnx_encoder")
+PER_DATASET = ("dataset_manifest", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics",
+               "gallery_index", "onnx_encoder")
+SHARED = ("frozen_clip", "cross_domain_metrics")
+ALL_ASSETS = PER_DATASET + SHARED
 
 
 @pytest.mark.slow
 def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
-    """`dagster asset materialize --select '*' -c configs/ci.yaml` — the command CI users run."""
+    """`dagster asset materialize --select '*' --partition synthetic-ci -c configs/ci.yaml` — the command CI users run."""
     import dagster as dg
 
     if not (PROJECT_ROOT / "data" / "embedded" / "synthetic-ci").is_dir():
         pytest.fail("embedded CI data missing: run `make embedded` (make test does)")
-    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "*", "-c",
+    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "*", "--partition", DATASET, "-c",
                  str(_ci_config(tmp_path))], dagster_home)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "RUN_SUCCESS" in out
-    # Every asset wrote its descriptor into its own timestamped folder.
-    descriptors = {p.parent.parent.name for p in (tmp_path / "artifacts").glob("*/*/descriptor.json")}
-    assert descriptors == set(ALL_ASSETS)
-    for path in (tmp_path / "artifacts").glob("*/*/descriptor.json"):  # typed, and of the asset that wrote it
-        assert load_descriptor(path).kind == path.parent.parent.name
+    # Every asset wrote its descriptor into its own timestamped folder — in its dataset's folder when per dataset.
+    store = tmp_path / "artifacts"
+    per_dataset = {p.parent.parent.parent.name for p in store.glob(f"*/{DATASET}/*/descriptor.json")}
+    shared = {p.parent.parent.name for p in store.glob("*/*/descriptor.json")}
+    assert per_dataset == set(PER_DATASET) and shared == set(SHARED)
+    for path in [*store.glob(f"*/{DATASET}/*/descriptor.json"), *store.glob("*/*/descriptor.json")]:
+        assert load_descriptor(path).kind == path.relative_to(store).parts[0]  # typed, and of the asset that wrote it
     # each asset writes only into its own folder, and no resumable training state is left behind
-    assert not list((tmp_path / "artifacts").glob("reid_features/*/metrics.json"))
+    assert not list(store.glob("reid_features/*/*/metrics.json"))
     assert not [p for p in (tmp_path / "artifacts").rglob("_resume/*") if p.exists()]
     # The materialisations persist in DAGSTER_HOME, where the UI and later CLI runs see them.
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         for key in ALL_ASSETS:
             assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+        for key in PER_DATASET:
+            assert instance.get_materialized_partitions(dg.AssetKey(key)) == {DATASET}, key
+        cross = instance.get_latest_materialization_event(dg.AssetKey("cross_domain_metrics")).asset_materialization
+        cross_artifact = load_descriptor(cross.metadata["descriptor"].value)
+        assert cross_artifact.train_datasets == cross_artifact.test_datasets == [DATASET]  # the one dataset trained
         meta = instance.get_latest_materialization_event(dg.AssetKey("evaluation_metrics")).asset_materialization.metadata
         for prefix in ("", "reranked_", "baseline_"):
             for name in ("mAP", "mINP", "rank-1", "rank-5", "rank-10"):
@@ -91,6 +103,8 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
         assert json.loads(Path(stage2["weights"].value).with_suffix(".json").read_text())["precision"] == "fp32"
         assert json.loads(Path(stage1["tokens"].value).with_suffix(".json").read_text())["precision"] == "fp32"
         assert meta["feature_precision"].value == "fp32"
+        # in-domain, the cross-domain matrix is the evaluation itself (same encoder, same protocol without re-ranking)
+        assert cross_artifact.mAP[0][0] == pytest.approx(meta["mAP"].value, abs=1e-5)
         # the event log stays light: thumbnails inline, the full pictures as paths
         assert len(meta["rank_list"].value) < 200_000 and Path(meta["rank_list_path"].value).is_file()
         for key in ("prompt_checkpoint", "visual_encoder"):
@@ -107,8 +121,8 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
     _search_matches_the_evaluation(index_meta["index"].value, features["features"].value)
 
     # A blocking minimum-mAP check fails the run (non-zero exit); the earlier results stay on disk.
-    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "evaluation_metrics", "-c",
-                 str(_ci_config(tmp_path, min_map=1.01))], dagster_home)
+    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "evaluation_metrics",
+                 "--partition", DATASET, "-c", str(_ci_config(tmp_path, min_map=1.01))], dagster_home)
     assert proc.returncode != 0
     assert "minimum_map" in proc.stdout + proc.stderr
     assert metrics_json.is_file() and (metrics_json.parent / "cmc.png").is_file()
@@ -137,7 +151,12 @@ def _search_matches_the_evaluation(index_dir: str, features_file: str) -> None:
 
 
 def test_materialize_failure_exits_non_zero(dagster_home, tmp_path):
-    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "dataset_manifest", "-c",
-                 str(_ci_config(tmp_path, data_root=str(tmp_path / "does-not-exist")))], dagster_home)
+    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "dataset_manifest",
+                 "--partition", DATASET, "-c", str(_ci_config(tmp_path, datasets={DATASET: str(tmp_path / "does-not-exist")}))],
+                dagster_home)
     assert proc.returncode != 0
     assert "does-not-exist" in proc.stdout + proc.stderr
+    # a per-dataset asset launched without a dataset says how to name one
+    proc = _run(["asset", "materialize", "-m", "reid_pipeline.definitions", "--select", "dataset_manifest", "-c",
+                 str(_ci_config(tmp_path))], dagster_home)
+    assert proc.returncode != 0

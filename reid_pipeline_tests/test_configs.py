@@ -61,7 +61,6 @@ def test_merge_is_the_cli_merge():
 @pytest.mark.parametrize("overlay", sorted(PAPER_OVERLAYS))
 def test_paper_preset_resolves_to_the_paper(overlay, monkeypatch):
     layout, weights, arch = PAPER_OVERLAYS[overlay]
-    monkeypatch.setenv("REID_DATA_ROOT", "/data/somewhere")
     config = load_run_config([BASE, CONFIGS / f"{overlay}.yaml"])
     result = dg.validate_run_config(_job(), config)
     assert result["ops"]["dataset_manifest"]["config"]["layout"] == layout

@@ -36,12 +36,13 @@ def test_demo_learns_at_every_stage(tmp_path, monkeypatch):
     with dg.instance_for_test() as instance:
         result = job.execute_in_process(run_config={"resources": config["resources"], "ops": {
             k: v for k, v in config["ops"].items() if k in {s.path[0] for s in selection}}},
-            instance=instance, asset_selection=selection)
+            instance=instance, asset_selection=selection, partition_key="synthetic")  # the demo's dataset
         assert result.success
 
         def meta(key: str) -> dict:
-            event = instance.get_latest_materialization_event(dg.AssetKey(key))
-            return event.asset_materialization.metadata
+            (record,) = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=["synthetic"]), limit=1).records
+            return record.asset_materialization.metadata
 
         stage1, metrics = meta("prompt_checkpoint"), meta("evaluation_metrics")
     value = {k: v.value for k, v in metrics.items() if hasattr(v, "value")}

@@ -15,10 +15,11 @@ import dagster as dg
 import pytest
 
 from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
-from reid_pipeline_tests.test_cli import _ci_config
+from reid_pipeline_tests.test_cli import DATASET, _ci_config
 
 DG = str(Path(sys.executable).with_name("dg"))
-MATERIALISABLE = {"dataset_manifest", "frozen_clip", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics"}
+MATERIALISABLE = {"dataset_manifest", "frozen_clip", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics",
+                  "cross_domain_metrics"}
 SOURCES = {"raw_dataset", "clip_weights"}
 
 
@@ -52,17 +53,21 @@ def test_dg_launch_materialises_on_the_ci_preset(dagster_home, tmp_path):
     if not (PROJECT_ROOT / "data" / "embedded" / "synthetic-ci").is_dir():
         pytest.fail("embedded CI data missing: run `make embedded` (make test does)")
     selection = "raw_dataset,dataset_manifest,clip_weights,frozen_clip"
-    proc = _dg(["launch", "--assets", selection, "-c", str(_ci_config(tmp_path))], dagster_home)
+    proc = _dg(["launch", "--assets", selection, "--partition", DATASET, "-c", str(_ci_config(tmp_path))], dagster_home)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "RUN_SUCCESS" in out
-    assert {p.parent.parent.name for p in (tmp_path / "artifacts").glob("*/*/descriptor.json")} == {
-        "dataset_manifest", "frozen_clip"}
+    store = tmp_path / "artifacts"
+    found = {p.relative_to(store).parts[0]: p.relative_to(store).parts for p in store.rglob("descriptor.json")}
+    assert set(found) == {"dataset_manifest", "frozen_clip"}
+    assert found["dataset_manifest"][1] == DATASET and len(found["dataset_manifest"]) == 4  # <asset>/<dataset>/<stamp>/
+    assert len(found["frozen_clip"]) == 3  # shared by every dataset: <asset>/<stamp>/
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         for key in ("dataset_manifest", "frozen_clip"):
             assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
         for key in SOURCES:  # observed in the same run: the retrain sensor finds nothing new afterwards
-            record = instance.get_latest_data_version_record(dg.AssetKey(key), is_source=True)
+            partition = DATASET if key == "raw_dataset" else None  # each dataset's folder is observed on its own
+            record = instance.get_latest_data_version_record(dg.AssetKey(key), is_source=True, partition_key=partition)
             assert record is not None and record.asset_observation is not None, key
         (run,) = instance.get_runs()
         assert run.is_success
@@ -70,7 +75,7 @@ def test_dg_launch_materialises_on_the_ci_preset(dagster_home, tmp_path):
 
 def test_dg_launch_failure_exits_non_zero(dagster_home, tmp_path):
     missing = tmp_path / "does-not-exist"
-    proc = _dg(["launch", "--assets", "dataset_manifest", "-c", str(_ci_config(tmp_path, data_root=str(missing)))],
-               dagster_home)
+    proc = _dg(["launch", "--assets", "dataset_manifest", "--partition", DATASET, "-c",
+                str(_ci_config(tmp_path, datasets={DATASET: str(missing)}))], dagster_home)
     assert proc.returncode != 0
     assert "does-not-exist" in proc.stdout + proc.stderr

@@ -12,6 +12,7 @@ from reid_pipeline_tests.conftest import PROJECT_ROOT
 LIBRARY = [
     "reid_pipeline.artifacts",
     "reid_pipeline.data",
+    "reid_pipeline.datasets",
     "reid_pipeline.device",
     "reid_pipeline.embedded",
     "reid_pipeline.evaluation",

@@ -65,7 +65,7 @@ class PostgresDagsterDev(DagsterDev):
         env["REID_EXECUTOR"] = "in_process"
         if self.shared_with is not None:
             other = self.shared_with.env()
-            for name in ("REID_DATA_ROOT", "REID_CLIP_WEIGHTS", "REID_STORAGE_DIR"):
+            for name in ("REID_DATASETS", "REID_CLIP_WEIGHTS", "REID_STORAGE_DIR"):
                 env[name] = other[name]
         return env
 

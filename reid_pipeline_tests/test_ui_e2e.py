@@ -13,6 +13,7 @@ import time
 import pytest
 
 from reid_pipeline_tests.ui_server import (
+    DATASET,
     JOB,
     RETRAIN_SENSOR,
     DagsterDev,
@@ -80,6 +81,7 @@ def test_materialise_change_data_and_retrain_automatically(dagster_ui: DagsterDe
 
     (auto,) = wait_until(automatic_runs, 300, "the automatic retraining run", interval=1)
     assert auto["jobName"] == JOB and auto["tags"].get("reid/trigger") == "source changed"
+    assert auto["tags"].get("dagster/partition") == DATASET  # the dataset whose folder changed
     assert auto["assets"] == chain | {"raw_dataset"}, f"automatic run selected {auto['assets']}, expected {chain}"
     auto = server.wait_for_run(auto["runId"])
 
@@ -95,5 +97,9 @@ def test_materialise_change_data_and_retrain_automatically(dagster_ui: DagsterDe
     runs = server.runs()
     assert len(runs) == 2 and {r["runId"] for r in runs} == {initial["runId"], auto["runId"]}
     assert all(r["status"] == "SUCCESS" for r in runs)
+    # The dataset's metrics over time, as the UI's asset page plots them: one point per materialisation.
+    history = server.metric_history("evaluation_metrics", "mAP")
+    assert [run for run, _ in history] == [initial["runId"], auto["runId"]]
+    assert all(0.0 <= value <= 1.0 for _, value in history)
     server.remember_processes()
     assert time.time() > auto["endTime"]

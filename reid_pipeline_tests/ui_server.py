@@ -34,6 +34,7 @@ JOB = "reid_pipeline_job"
 RETRAIN_SENSOR = "reid_retrain_sensor"
 CI_PRESET = PROJECT_ROOT / "configs" / "ci.yaml"
 CI_DATA = PROJECT_ROOT / "data" / "embedded" / "synthetic-ci"
+DATASET = "synthetic-ci"  # the one dataset partition the server knows (REID_DATASETS); its runs carry its tag
 CI_WEIGHTS = PROJECT_ROOT / "data" / "embedded" / "tiny_clip_vit.pt"
 #: The full graph on the CI data takes minutes on 2 CPU cores; generous, but bounded.
 RUN_TIMEOUT_S = float(os.environ.get("REID_UI_TEST_RUN_TIMEOUT_S", "1500"))
@@ -130,7 +131,7 @@ class DagsterDev:
         env = dict(os.environ)
         env.update(
             DAGSTER_HOME=str(self.root / "home"),
-            REID_DATA_ROOT=str(self.data_root),
+            REID_DATASETS=f"{DATASET}={self.data_root}",
             REID_CLIP_WEIGHTS=str(self.root / "clip.pt"),
             REID_STORAGE_DIR=str(self.root / "artifacts"),
             REID_AUTOMATION="on",
@@ -266,7 +267,9 @@ class DagsterDev:
             raise AssertionError(f"GraphQL errors: {payload['errors']}")
         return payload["data"]
 
-    def launch_job(self, job: str = JOB, run_config: dict | None = None) -> str:
+    def launch_job(self, job: str = JOB, run_config: dict | None = None, partition: str | None = DATASET) -> str:
+        """Launch ``job`` for one dataset partition (as the UI's launchpad does: the ``dagster/partition`` tag)."""
+        tags = [{"key": "dagster/partition", "value": partition}] if partition else []
         data = self.graphql(
             """
             mutation Launch($params: ExecutionParams!) {
@@ -283,6 +286,7 @@ class DagsterDev:
                     "selector": {"repositoryLocationName": self.location, "repositoryName": REPOSITORY, "pipelineName": job},
                     "runConfigData": run_config or {},
                     "mode": "default",
+                    "executionMetadata": {"tags": tags},
                 }
             },
         )["launchPipelineExecution"]
@@ -310,13 +314,20 @@ class DagsterDev:
         assert run["status"] == "SUCCESS", f"run {run_id} ended {run['status']}:\n{self.log_tail()}"
         return run
 
-    def asset_nodes(self) -> dict[str, dict]:
-        """Every asset node by name: observable/materialisable, stale status and causes, parents, latest run."""
-        nodes = self.graphql(
-            "{ assetNodes { assetKey { path } isObservable isMaterializable staleStatus "
-            "staleCauses { reason category key { path } dependency { path } } dependencyKeys { path } "
-            "assetMaterializations(limit: 1) { runId timestamp } } }"
-        )["assetNodes"]
+    def asset_nodes(self, partition: str = DATASET) -> dict[str, dict]:
+        """Every asset node by name: observable/materialisable, stale status and causes, parents, latest run —
+        of ``partition`` for the per-dataset assets."""
+        fields = ("assetKey { path } isObservable isMaterializable isPartitioned staleStatus{arg} "
+                  "staleCauses{arg} { reason category key { path } dependency { path } } dependencyKeys { path } "
+                  "assetMaterializations({marg}limit: 1) { runId timestamp }")
+        plain = self.graphql("{ assetNodes { " + fields.format(arg="", marg="") + " } }")["assetNodes"]
+        keys = [{"path": n["assetKey"]["path"]} for n in plain if n["isPartitioned"]]
+        per_dataset = self.graphql(
+            "query($keys: [AssetKeyInput!], $p: String!, $ps: [String!]) { assetNodes(assetKeys: $keys) { "
+            + fields.format(arg="(partition: $p)", marg="partitions: $ps, ") + " } }",
+            {"keys": keys, "p": partition, "ps": [partition]},
+        )["assetNodes"] if keys else []
+        nodes = [n for n in plain if not n["isPartitioned"]] + per_dataset
         out = {}
         for node in nodes:
             latest = node["assetMaterializations"]
@@ -329,6 +340,17 @@ class DagsterDev:
                 "latest_run": latest[0]["runId"] if latest else None,
             }
         return out
+
+    def metric_history(self, asset: str, label: str, partition: str = DATASET) -> list[tuple[str, float]]:
+        """``(run id, value)`` of a float metadata entry over every materialisation of one partition, oldest
+        first — what the UI's asset page plots over time."""
+        nodes = self.graphql(
+            "query($k: [AssetKeyInput!], $ps: [String!]) { assetNodes(assetKeys: $k) { assetMaterializations("
+            "partitions: $ps) { runId timestamp metadataEntries { label ... on FloatMetadataEntry { floatValue } } } } }",
+            {"k": [{"path": [asset]}], "ps": [partition]},
+        )["assetNodes"]
+        events = sorted(nodes[0]["assetMaterializations"], key=lambda e: float(e["timestamp"]))
+        return [(e["runId"], next(m["floatValue"] for m in e["metadataEntries"] if m["label"] == label)) for e in events]
 
     def instigator_status(self, sensor: str) -> str:
         data = self.graphql(
