@@ -115,3 +115,15 @@ def test_asset_reads_every_dataset_partition(two_domains, tmp_path):
         assert set(rows) == {(A, A), (A, B)}
         assert rows[(A, A)]["mAP"] == pytest.approx(meta["mean_in_domain_mAP"].value)
         assert rows[(A, B)]["mAP"] == pytest.approx(meta["mean_cross_domain_mAP"].value)
+
+
+def test_heatmap_refuses_a_matrix_of_the_wrong_shape_or_range():
+    from reid_pipeline.evaluation.plots import plot_cross_domain
+
+    assert plot_cross_domain({"mAP": [[0.5, 0.1]]}, ["a"], ["a", "b"])[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"shape \(2, 1\), expected \(1, 2\)"):
+        plot_cross_domain({"mAP": [[0.5], [0.1]]}, ["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        plot_cross_domain({"mAP": [[1.5, 0.1]]}, ["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="at least one matrix"):
+        plot_cross_domain({}, ["a"], ["a"])
