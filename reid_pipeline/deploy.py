@@ -21,9 +21,10 @@ The Kubernetes settings come from ``REID_K8S_*`` variables (all optional)::
     REID_K8S_ARTIFACTS_MOUNT    mounted read-write at this path (default /artifacts)
     REID_K8S_SHM_SIZE         size limit of /dev/shm (default 8Gi)
 
-Every other ``REID_*`` variable set where the code location loads (``REID_DATA_ROOT``,
+Every other ``REID_*`` variable set where the code location loads (``REID_DATASETS``,
 ``REID_CLIP_WEIGHTS``, ``REID_STORAGE_DIR``, ``REID_RUN_CONFIG``, ...) is passed on by name: each step
-pod gets the value the run's pod has (the Helm chart's ``env`` of the user-code deployment).
+pod gets the value the run's pod has (the Helm chart's ``env`` of the user-code deployment), so it
+derives the same dataset partitions and roots as the code server.
 """
 
 from __future__ import annotations

@@ -40,11 +40,12 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_clip_path):
-    """Descriptors of a 6-identity synthetic dataset and the small CLIP at 64×32, plus a stage-1 result."""
+    """Descriptors of a 6-identity synthetic dataset (named like the ``synthetic-ci`` partition) and the small
+    CLIP at 64×32, plus a stage-1 result."""
     base = tmp_path_factory.mktemp("launch")
     generate_synthetic_dataset(base / "data", num_ids=6, images_per_id=4, num_cameras=2, height=64, width=32, seed=1)
     (base / "m").mkdir()
-    manifest, _, _ = manifest_step(base / "data", base / "m")
+    manifest, _, _ = manifest_step(base / "data", base / "m", dataset="synthetic-ci")  # as the partitioned asset writes it
     manifest.save()
     (base / "c").mkdir()
     frozen, _, _ = frozen_clip_step(str(tiny_clip_path), base / "c", input_size=(64, 32))

@@ -15,6 +15,7 @@ from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 TRAINING = ("prompt_checkpoint", "visual_encoder")
+DATASET = "synthetic-ci"  # the partition the runs are for (one of the defaults), pointed at the test's own data
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -24,7 +25,7 @@ def _write(path: Path, data: dict) -> Path:
 
 @pytest.mark.slow
 def test_torchrun_launch_materialises_with_in_process_metadata_keys(dagster_home, tmp_path, tiny_clip_path):
-    """`dagster asset materialize … -c configs/ci.yaml -c <overlay>`: in process first, then with
+    """`dagster asset materialize … --partition synthetic-ci -c configs/ci.yaml -c <overlay>`: in process first, then with
     ``launcher: torchrun, nproc_per_node: 2`` — the same metadata keys, world size 2, a descriptor."""
     import dagster as dg
 
@@ -33,7 +34,7 @@ def test_torchrun_launch_materialises_with_in_process_metadata_keys(dagster_home
 
     generate_synthetic_dataset(tmp_path / "data", num_ids=8, images_per_id=4, num_cameras=2, seed=1)
     base = yaml.safe_load((PROJECT_ROOT / "configs" / "ci.yaml").read_text())
-    base["resources"]["reid"]["config"].update(data_root=str(tmp_path / "data"), clip_weights=str(tiny_clip_path),
+    base["resources"]["reid"]["config"].update(datasets={DATASET: str(tmp_path / "data")}, clip_weights=str(tiny_clip_path),
                                                storage_dir=str(tmp_path / "artifacts"))
     base["ops"]["prompt_checkpoint"]["config"].update(epochs=2, batch_size=8)
     base["ops"]["visual_encoder"]["config"].update(epochs=2, ids_per_batch=2, instances_per_id=2,
@@ -44,7 +45,8 @@ def test_torchrun_launch_materialises_with_in_process_metadata_keys(dagster_home
                                        "sync_bn": name == "visual_encoder"}}} for name in TRAINING}})
 
     def materialize(select: str, *configs: Path) -> str:
-        args = [DAGSTER, "asset", "materialize", "-m", "reid_pipeline.definitions", "--select", select]
+        args = [DAGSTER, "asset", "materialize", "-m", "reid_pipeline.definitions", "--select", select,
+                "--partition", DATASET]
         for c in configs:
             args += ["-c", str(c)]
         env = {**cli_env(dagster_home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -59,7 +61,8 @@ def test_torchrun_launch_materialises_with_in_process_metadata_keys(dagster_home
 
     instance = dg.DagsterInstance.get()
     for name in TRAINING:
-        records = instance.fetch_materializations(dg.AssetKey(name), limit=2).records
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[DATASET]), limit=2).records
         torchrun, in_process = (r.asset_materialization.metadata for r in records)
         assert set(torchrun) == set(in_process), set(torchrun) ^ set(in_process)
         assert torchrun["world_size"].value == 2 and in_process["world_size"].value == 1
@@ -67,6 +70,7 @@ def test_torchrun_launch_materialises_with_in_process_metadata_keys(dagster_home
         assert torchrun["epochs"].value == 2 and torchrun["first_loss"].value > 0
         artifact = load_descriptor(torchrun["descriptor"].value)
         assert artifact.kind == name and (Path(artifact.artifact_dir) / "launch.json").is_file()
+        assert Path(artifact.artifact_dir).parent == tmp_path / "artifacts" / name / DATASET  # the dataset's folder
 
 
 def test_gpu_allocation_is_all_or_nothing_and_disjoint(tmp_path):

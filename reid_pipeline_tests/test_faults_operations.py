@@ -27,6 +27,7 @@ from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
 
 pytestmark = pytest.mark.faults
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
+DATASET = "synthetic-ci"  # one of the default dataset partitions, pointed at the test's own folders
 
 
 def _fresh_home(tmp_path: Path, name: str = "home") -> Path:
@@ -196,44 +197,62 @@ def test_reaper_leaves_live_and_foreign_runs_alone(tmp_path):
 
 
 def test_two_steps_never_share_a_resumable_state(tmp_path):
-    """The training assets hold their resume folder exclusively; a second holder fails at once, naming it."""
+    """The training assets hold their resume folder (one per dataset) exclusively; a second holder of the
+    same dataset fails at once, naming it."""
     from reid_pipeline.assets._common import resume_state
     from reid_pipeline.resources import ReidSettings
 
-    reid = ReidSettings(data_root=str(tmp_path), clip_weights="x.pt", storage_dir=str(tmp_path / "store"))
+    reid = ReidSettings(datasets={DATASET: str(tmp_path)}, clip_weights="x.pt", storage_dir=str(tmp_path / "store"))
 
-    class Ctx:  # what resume_state reads from an AssetExecutionContext
+    class Ctx:  # what resume_state reads from an AssetExecutionContext (a step of one dataset)
         asset_key = dg.AssetKey("visual_encoder")
         run = dg.DagsterRun(job_name="j", run_id="first-run")
+        has_partition_key = True
+        partition_key = DATASET
 
         class log:
             info = staticmethod(lambda _m: None)
 
     with resume_state(Ctx, reid, "same", "inputs") as state:
         state.write_bytes(b"x")
-        second = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(f"""
+        # storage/<asset>/<dataset>/_resume/<key>/state.safetensors
+        assert state.parent.parent == tmp_path / "store" / "visual_encoder" / DATASET / "_resume", state
+        script = f"""
                 import dagster as dg
                 from reid_pipeline.assets._common import resume_state
                 from reid_pipeline.resources import ReidSettings
-                reid = ReidSettings(data_root={str(tmp_path)!r}, clip_weights="x.pt", storage_dir={str(tmp_path / 'store')!r})
+                import sys
+                reid = ReidSettings(datasets={{sys.argv[1]: {str(tmp_path)!r}}}, clip_weights="x.pt",
+                                    storage_dir={str(tmp_path / 'store')!r})
                 class Ctx:
                     asset_key = dg.AssetKey("visual_encoder")
                     run = dg.DagsterRun(job_name="j", run_id="second-run")
+                    has_partition_key = True
+                    partition_key = sys.argv[1]
                     class log:
                         info = staticmethod(print)
-                with resume_state(Ctx, reid, "same", "inputs"):
-                    pass
-            """)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+                with resume_state(Ctx, reid, "same", "inputs") as state:
+                    print(state)
+            """
+
+        def second_holder(dataset: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-c", textwrap.dedent(script), dataset], cwd=PROJECT_ROOT,
+                                  capture_output=True, text=True, timeout=120)
+
+        second = second_holder(DATASET)
         assert second.returncode != 0
         assert "another step is training from the same inputs" in second.stderr and "first-run" in second.stderr
+        other = second_holder("synthetic")  # another dataset's step: a state of its own, no conflict
+        assert other.returncode == 0, other.stderr[-3000:]
+        assert "/visual_encoder/synthetic/_resume/" in other.stdout, other.stdout
     assert not state.exists()  # finished: the state is removed
     with resume_state(Ctx, reid, "same", "inputs"):  # and the lock died with its holder
         pass
 
 
-# Four training runs requested by a sensor (as automation launches them), through the daemon's queue.
-# Each `train` step holds the gpu slot ~HOLD s in ticks, recording progress so that a relaunch resumes.
+# Four training runs requested by a sensor (as automation launches them: one run per dataset partition),
+# through the daemon's queue. Each `train` step holds the gpu slot ~HOLD s in ticks, recording progress
+# (per dataset) so that a relaunch resumes.
 QUEUE_DEFS = textwrap.dedent(
     """
     import json, os, time
@@ -244,30 +263,29 @@ QUEUE_DEFS = textwrap.dedent(
 
     patch_pool_wait()
     OUT = Path(os.environ["QUEUE_OUT"])
+    datasets = dg.StaticPartitionsDefinition(["a", "b", "c", "d"])
 
-    class TrainConfig(dg.Config):
-        name: str
-
-    @dg.asset(pool=GPU_POOL)
-    def train(context: dg.AssetExecutionContext, config: TrainConfig) -> None:
-        progress = OUT / f"progress-{config.name}"
+    @dg.asset(pool=GPU_POOL, partitions_def=datasets)
+    def train(context: dg.AssetExecutionContext) -> None:
+        name = context.partition_key
+        progress = OUT / f"progress-{name}"
         done = int(progress.read_text()) if progress.exists() else 0
         start = time.time()
-        (OUT / f"pid-{config.name}").write_text(json.dumps([os.getpid(), os.getppid()]))
+        (OUT / f"pid-{name}").write_text(json.dumps([os.getpid(), os.getppid()]))
         for tick in range(done, 8):
             time.sleep(0.5)
             progress.write_text(str(tick + 1))
         context.add_output_metadata({"resumed_from": done})
         with open(OUT / "intervals.jsonl", "a") as fh:
-            fh.write(json.dumps([config.name, start, time.time(), done]) + "\\n")
+            fh.write(json.dumps([name, start, time.time(), done]) + "\\n")
 
-    job = dg.define_asset_job("train_job", selection=[train])
+    job = dg.define_asset_job("train_job", selection=[train], partitions_def=datasets)
 
     @dg.sensor(job=job, minimum_interval_seconds=1, default_status=dg.DefaultSensorStatus.RUNNING)
     def queue_sensor(context):
         names = ["a", "b", "c", "d"] + (["b"] if (OUT / "relaunch").exists() else [])
-        return [dg.RunRequest(run_key=f"{n}-{i}", run_config={"ops": {"train": {"config": {"name": n}}}},
-                              tags={"queue/name": n}) for i, n in enumerate(names)]
+        return [dg.RunRequest(run_key=f"{n}-{i}", partition_key=n, tags={"queue/name": n})
+                for i, n in enumerate(names)]
 
     defs = dg.Definitions(assets=[train], jobs=[job], sensors=[queue_sensor, reap_dead_runs_sensor])
     """
@@ -315,6 +333,7 @@ def test_a_queue_of_four_training_runs_survives_one_killed(tmp_path):
                     "the three other runs to finish")
         killed = [r for r in runs().values() if r.tags.get("queue/name") == "b"]
         assert [r.status for r in killed] == [dg.DagsterRunStatus.FAILURE]  # reaped by the sensor, not left STARTED
+        assert all(r.tags.get("dagster/partition") == r.tags["queue/name"] for r in runs().values())  # one run per dataset
         (out / "relaunch").touch()
         waiting_for(lambda: sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs().values()) == 4,
                     "the relaunched run to finish")

@@ -26,6 +26,7 @@ from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 UPSTREAM = "raw_dataset,clip_weights,dataset_manifest,frozen_clip,prompt_checkpoint"
+DATASET = "synthetic-ci"  # the partition the runs are for (one of the defaults), pointed at the test's own data
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def small_inputs(tmp_path_factory):
 
 def _preset(tmp_path: Path, data: Path, weights: Path, epochs: int) -> Path:
     config = yaml.safe_load((PROJECT_ROOT / "configs" / "ci.yaml").read_text())
-    config["resources"]["reid"]["config"].update(data_root=str(data), clip_weights=str(weights),
+    config["resources"]["reid"]["config"].update(datasets={DATASET: str(data)}, clip_weights=str(weights),
                                                  storage_dir=str(tmp_path / "artifacts"))
     config["ops"]["prompt_checkpoint"]["config"]["epochs"] = 2
     config["ops"]["visual_encoder"]["config"].update(epochs=epochs, steps=[epochs], ids_per_batch=4)
@@ -53,7 +54,7 @@ def _materialize(home: Path, preset: Path, select: str, **popen) -> subprocess.P
     env = cli_env(home)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # bit-identical CPU runs
     return subprocess.Popen([DAGSTER, "asset", "materialize", "-m", "reid_pipeline.definitions", "--select", select,
-                             "-c", str(preset)], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                             "--partition", DATASET, "-c", str(preset)], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -65,8 +66,9 @@ def _ok(proc: subprocess.Popen, timeout: float = 900) -> str:
 
 def _encoder_metadata(home: Path) -> dict:
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        event = instance.get_latest_materialization_event(dg.AssetKey("visual_encoder"))
-        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+        (record,) = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("visual_encoder"), asset_partitions=[DATASET]), limit=1).records
+        return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
 def test_kill_9_in_stage_2_then_unattended_resume_is_bit_identical(tmp_path, dagster_home, small_inputs):
@@ -78,7 +80,7 @@ def test_kill_9_in_stage_2_then_unattended_resume_is_bit_identical(tmp_path, dag
     assert reference["resumed_from_epoch"] == 0 and reference["epochs"] == 5
 
     victim = _materialize(dagster_home, preset, "visual_encoder", start_new_session=True)
-    resume = tmp_path / "artifacts" / "visual_encoder" / "_resume"
+    resume = tmp_path / "artifacts" / "visual_encoder" / DATASET / "_resume"  # storage/<asset>/<dataset>/_resume
     deadline = time.time() + 600
     while True:  # kill the whole tree once stage 2 has checkpointed epoch 2
         sidecars = list(resume.glob("*/state.json"))
@@ -97,6 +99,7 @@ def test_kill_9_in_stage_2_then_unattended_resume_is_bit_identical(tmp_path, dag
     assert "marked failed by reid_pipeline" in out
     resumed = _encoder_metadata(dagster_home)
     assert resumed["resumed_from_epoch"] >= 2 and resumed["epochs"] == 5
+    assert tmp_path / "artifacts" / "visual_encoder" / DATASET in Path(resumed["weights"]).parents  # the dataset's folder
     a, _ = load_tensors(reference["weights"])
     b, _ = load_tensors(resumed["weights"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
@@ -115,14 +118,15 @@ def test_diverging_stage_1_fails_its_check(tmp_path, small_inputs):
     from reid_pipeline.resources import ArtifactIOManager, ReidSettings, TrainingDevice
 
     data, weights = small_inputs
-    resources = {"reid": ReidSettings(data_root=str(data), clip_weights=str(weights), storage_dir=str(tmp_path / "a")),
+    resources = {"reid": ReidSettings(datasets={DATASET: str(data)}, clip_weights=str(weights),
+                                      storage_dir=str(tmp_path / "a")),
                  "device": TrainingDevice(device="cpu"), "io_manager": ArtifactIOManager(),
                  "pipes_subprocess_client": dg.PipesSubprocessClient()}
     run_config = {"ops": {"frozen_clip": {"config": {"input_height": 64, "input_width": 32}},
                           "prompt_checkpoint": {"config": {"epochs": 4, "lr": 1e6, "warmup_epochs": 0}}}}
     with dg.instance_for_test() as instance:
         result = dg.materialize([dataset_manifest, frozen_clip, prompt_checkpoint], instance=instance,
-                                resources=resources, run_config=run_config, raise_on_error=False)
+                                resources=resources, run_config=run_config, raise_on_error=False, partition_key=DATASET)
         logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "loss_decreased"]
     first, last = check.metadata["first_epoch_loss"].value, check.metadata["last_epoch_loss"].value

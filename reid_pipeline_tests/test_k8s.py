@@ -30,6 +30,7 @@ from dagster_k8s.job import (
 )
 from kubernetes.client import ApiClient
 
+from reid_pipeline.datasets import parse_datasets
 from reid_pipeline.deploy import executor_from_env, k8s_executor_config
 from reid_pipeline_tests.conftest import PROJECT_ROOT
 
@@ -62,17 +63,20 @@ _LOAD_DEFS = textwrap.dedent(
     """
     import json, sys
     import dagster as dg
-    from reid_pipeline.definitions import defs
+    from reid_pipeline.definitions import defs, settings
 
     job = defs.resolve_job_def(sys.argv[1])
     steps = {}
     for key in job.asset_layer.executable_asset_keys:
-        op = defs.resolve_assets_def(key).op
-        steps[op.name] = {"tags": dict(op.tags), "pool": op.pool}
+        assets_def = defs.resolve_assets_def(key)
+        op = assets_def.op
+        partitions = assets_def.partitions_def.get_partition_keys() if assets_def.partitions_def else None
+        steps[op.name] = {"tags": dict(op.tags), "pool": op.pool, "partitions": partitions}
     print(json.dumps({
         "executor": job.executor_def.name,
         "execution": dg.validate_run_config(job, {})["execution"],
         "steps": steps,
+        "datasets": settings.datasets,
     }))
     """
 )
@@ -160,6 +164,17 @@ def test_the_helm_deployment_loads_the_k8s_executor(code_location):
         "reid-data", "reid-artifacts"}
 
 
+def test_the_helm_deployment_names_the_dataset_partitions(code_location):
+    """REID_DATASETS of the deployment decides the partitions of every per-dataset step and their roots (what
+    `dg launch --partition NAME` and the sensor's per-dataset runs use); the backbone stays unpartitioned."""
+    datasets = parse_datasets(_deployment_env()["REID_DATASETS"])
+    assert code_location["datasets"] == datasets
+    steps = code_location["steps"]
+    for name in ("dataset_manifest", "prompt_checkpoint", "visual_encoder", "reid_features", "evaluation_metrics"):
+        assert steps[name]["partitions"] == sorted(datasets), name
+    assert steps["frozen_clip"]["partitions"] is None
+
+
 def test_training_steps_carry_the_gpu_tags(code_location):
     training = {name: step for name, step in code_location["steps"].items() if step["pool"] == "gpu"}
     assert {"prompt_checkpoint", "visual_encoder"} <= set(training), code_location["steps"].keys()
@@ -213,7 +228,8 @@ def test_training_step_pod_spec(code_location, run_launcher, monkeypatch):
     for name, value in deployment_env.items():
         if not name.startswith("REID_K8S_"):
             assert env[name]["value"] == value, name
-    assert env["REID_DATA_ROOT"]["value"].startswith("/data/")
+    datasets = parse_datasets(env["REID_DATASETS"]["value"])  # name=root items: the dataset partitions
+    assert datasets and all(root.startswith("/data/") for root in datasets.values()), datasets
     assert env["REID_STORAGE_DIR"]["value"].startswith("/artifacts/")
     assert env["DAGSTER_HOME"]["value"] == "/opt/dagster/dagster_home"
     assert env["DAGSTER_PG_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "reid-postgresql-secret"
@@ -230,4 +246,4 @@ def test_non_training_step_pod_has_no_gpu(code_location, run_launcher, monkeypat
     assert not spec.get("tolerations")
     # ...but the same data, artefacts and environment as the training steps
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/data", "/artifacts", "/dev/shm"}
-    assert {e["name"] for e in container["env"]} >= {"REID_DATA_ROOT", "REID_CLIP_WEIGHTS", "REID_STORAGE_DIR"}
+    assert {e["name"] for e in container["env"]} >= {"REID_DATASETS", "REID_CLIP_WEIGHTS", "REID_STORAGE_DIR"}
