@@ -317,14 +317,14 @@ class DagsterDev:
     def asset_nodes(self, partition: str = DATASET) -> dict[str, dict]:
         """Every asset node by name: observable/materialisable, stale status and causes, parents, latest run —
         of ``partition`` for the per-dataset assets."""
-        fields = ("assetKey { path } isObservable isMaterializable isPartitioned staleStatus{arg} "
-                  "staleCauses{arg} { reason category key { path } dependency { path } } dependencyKeys { path } "
-                  "assetMaterializations({marg}limit: 1) { runId timestamp }")
-        plain = self.graphql("{ assetNodes { " + fields.format(arg="", marg="") + " } }")["assetNodes"]
+        fields = ("assetKey { path } isObservable isMaterializable isPartitioned staleStatus@ARG@ "
+                  "staleCauses@ARG@ { reason category key { path } dependency { path } } dependencyKeys { path } "
+                  "assetMaterializations(@MARG@limit: 1) { runId timestamp }")
+        plain = self.graphql("{ assetNodes { " + fields.replace("@ARG@", "").replace("@MARG@", "") + " } }")["assetNodes"]
         keys = [{"path": n["assetKey"]["path"]} for n in plain if n["isPartitioned"]]
         per_dataset = self.graphql(
             "query($keys: [AssetKeyInput!], $p: String!, $ps: [String!]) { assetNodes(assetKeys: $keys) { "
-            + fields.format(arg="(partition: $p)", marg="partitions: $ps, ") + " } }",
+            + fields.replace("@ARG@", "(partition: $p)").replace("@MARG@", "partitions: $ps, ") + " } }",
             {"keys": keys, "p": partition, "ps": [partition]},
         )["assetNodes"] if keys else []
         nodes = [n for n in plain if not n["isPartitioned"]] + per_dataset
@@ -333,6 +333,7 @@ class DagsterDev:
             latest = node["assetMaterializations"]
             out["/".join(node["assetKey"]["path"])] = {
                 "materializable": node["isMaterializable"],
+                "partitioned": node["isPartitioned"],
                 "observable": node["isObservable"],
                 "stale": node["staleStatus"],
                 "causes": node["staleCauses"],
