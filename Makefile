@@ -61,7 +61,7 @@ lint: setup
 
 test: embedded $(CHROMIUM) postgres lint
 	$(DG) check defs
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 # REID_RUN_CONFIG: the preset whose op config the retrain sensor applies to the runs it launches.
 ui: embedded
