@@ -58,24 +58,26 @@ def retrain_sensor(context: dg.SensorEvaluationContext, reid: ReidSettings) -> d
         reason = "no source changed" + (f" ({len(problems)} could not be observed: {'; '.join(problems)})" if problems else "")
         return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=json.dumps(current, sort_keys=True))
     graph = context.repository_def.asset_graph
-    by_partition: dict[str | None, list[dg.AssetObservation]] = {}
+    by_partition: dict[str | None, set[dg.AssetKey]] = {}
     for event in events:
-        by_partition.setdefault(event.partition, []).append(event)
-    waiting: dict[str, list[str]] = {}
-    for partition in [p for p in by_partition if p is not None] or ([None] if None in by_partition else []):
-        roots = {None: {e.asset_key for e in by_partition.get(None, [])}}
-        if partition is not None:
-            roots[partition] = {e.asset_key for e in by_partition[partition]}
-        keys = {k for r in retrain_requests(graph, context.instance, roots, trigger="") for k in r.asset_selection}
-        busy = runs_in_progress(context.instance, keys, partition)
+        by_partition.setdefault(event.partition, set()).add(event.asset_key)
+
+    def touched(roots: dict[str | None, set[dg.AssetKey]]) -> set[dg.AssetKey]:
+        return {k for r in retrain_requests(graph, context.instance, roots, trigger="") for k in r.asset_selection}
+
+    waiting: dict[str | None, list[str]] = {}
+    if None in by_partition:  # new CLIP weights concern every dataset: wait while any run touches what they retrain
+        busy = runs_in_progress(context.instance, touched(by_partition))
         if busy:
-            waiting[str(partition)] = busy
-    if waiting and None in by_partition:  # new CLIP weights concern every dataset: wait for all of them
-        return dg.SkipReason(f"sources changed, waiting for run(s) in progress: "
-                             f"{', '.join(sorted({r for runs in waiting.values() for r in runs}))}")
-    kept = [e for e in events if str(e.partition) not in waiting]
+            return dg.SkipReason(f"sources changed, waiting for run(s) in progress: {', '.join(busy)}")
+    else:  # a dataset's change waits only for runs of that dataset
+        for partition, keys in by_partition.items():
+            busy = runs_in_progress(context.instance, touched({partition: keys}), partition)
+            if busy:
+                waiting[partition] = busy
+    kept = [e for e in events if e.partition not in waiting]
     for event in events:  # a waiting dataset's change is picked up once its runs are done
-        if str(event.partition) in waiting:
+        if event.partition in waiting:
             name = source_name(event.asset_key, event.partition)
             if name in seen:
                 current[name] = seen[name]
