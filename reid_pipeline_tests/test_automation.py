@@ -275,6 +275,18 @@ def test_change_waits_while_a_run_of_that_dataset_is_in_progress(pipeline):
     assert request.partition_key == B
 
 
+def test_new_weights_wait_for_a_run_of_any_dataset(pipeline):
+    instance = _bootstrapped(pipeline)
+    instance.add_run(dg.DagsterRun(job_name=reid_job.name, run_id="busy-b", status=dg.DagsterRunStatus.STARTED,
+                                   asset_selection=frozenset({dg.AssetKey("visual_encoder")}),
+                                   tags={"dagster/partition": B}))
+    Path(pipeline.reid.clip_weights).write_bytes(b"fine-tuned elsewhere" * 100)
+    waiting = pipeline.sense(instance)
+    assert isinstance(waiting, dg.SkipReason) and "busy-b" in waiting.skip_message  # B would be retrained too
+    instance.delete_run("busy-b")
+    assert sorted(r.partition_key for r in _requests(pipeline.sense(instance))) == [A, B]
+
+
 def test_sensor_without_cursor_trusts_the_instance(pipeline):
     """A restarted sensor (no or unreadable cursor) does not re-record versions the instance holds."""
     instance = _bootstrapped(pipeline)
