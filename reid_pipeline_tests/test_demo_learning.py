@@ -3,9 +3,14 @@ people), shows each stage doing its job: a frozen baseline well above a random C
 that classify the training identities far above chance, a fine-tuned encoder clearly above the baseline,
 re-ranking reported beside it.
 
-The thresholds sit well below what one machine measured (seed 0: baseline mAP 0.17, prompt accuracy
-0.50, fine-tuned mAP 0.27, re-ranked 0.30; a random CLIP gives 0.03 and 1/80) so that other machines'
-floating-point kernels pass; they are not yet the method's goals (baseline 0.30, 0.8, fine-tuned 0.80).
+The issue's goals are baseline mAP >= 0.30, prompt accuracy >= 0.8, fine-tuned mAP >= 0.80 and >= the
+baseline + 0.30. Measured on one shared 2-core machine (seeds = the stage-1/stage-2 seeds; seed 0 is
+the preset's default 0/1234): baseline mAP 0.33 (the same for every stage seed: it depends on the
+pre-training only), prompt accuracy 0.875–0.888 (chance 1/40), fine-tuned mAP 0.463–0.478, re-ranked
+0.543–0.565. The first two goals are asserted as they stand. The fine-tuned goal is not
+reached within the demo's few-minute budget (stage 2 saturated near 0.49 over every recipe tried: more
+epochs, other learning rates, SIE), so its floors are what the method shows now with a margin for other
+machines' floating-point kernels: fine-tuned mAP >= 0.40 and >= the baseline + 0.08.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import yaml
 
 from reid_pipeline_tests.conftest import PROJECT_ROOT
 
-FLOORS = {"baseline_mAP": 0.12, "image_to_prompt_accuracy": 0.35, "mAP": 0.20, "margin": 0.05}
+FLOORS = {"baseline_mAP": 0.30, "image_to_prompt_accuracy": 0.80, "mAP": 0.40, "margin": 0.08}
 
 
 @pytest.mark.slow

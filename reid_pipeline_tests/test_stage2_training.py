@@ -162,6 +162,9 @@ def test_paper_presets():
     assert (v.warmup_epochs, v.warmup_factor, v.bias_lr_factor, v.batch_size) == (10, 0.1, 2.0, 64)
     assert (v.id_loss_weight, v.triplet_loss_weight, v.i2t_loss_weight) == (0.25, 1.0, 1.0)
     assert v.pixel_mean == (0.5, 0.5, 0.5) and v.input_size == (256, 128) and v.padding == 10
+    # the paper's 10-pixel padding is for 256-pixel-high inputs: a smaller input gets the same share
+    assert Stage2Config.paper("vit", input_size=(128, 64)).padding == 5
+    assert Stage2Config.paper("vit", input_size=(128, 64), padding=10).padding == 10
     r = Stage2Config.paper("resnet")
     assert (r.lr, r.weight_decay, r.epochs, r.steps, r.warmup_factor) == (3.5e-4, 5e-4, 120, [40, 70], 0.01)
     assert (r.id_loss_weight, r.triplet_loss_weight, r.i2t_loss_weight) == (1.0, 1.0, 1.0)

@@ -15,6 +15,15 @@ the ViT's positional embedding stays a square grid (OpenAI's format) and is resi
 input's patch grid in every forward, exactly as :func:`~reid_pipeline.model.clip_loader.adapt_visual`
 resizes it after loading, so the saved model behaves at ``input_size`` as it did in training.
 
+Feature scale: CLIP's loss sees only normalised features, so the length of the raw features is left
+arbitrary by training (here about 16), while CLIP-ReID's stage-1 and stage-2 losses use raw dot
+products between image and text features (temperature 1): the raw scale acts as their temperature, and
+at 16 × 16 their softmaxes saturate. With ``config.calibrate_feature_scale`` the trained model's two
+output projections are rescaled after training so that the mean raw image and caption feature lengths
+(over training samples) are both ``sqrt(exp(t))``: a raw image–text dot product then equals, on
+average, the logit CLIP was trained with (``exp(t) · cos``). Normalised features, hence retrieval and
+anything computed on them, are unchanged (:func:`calibrate_feature_scale`).
+
 Held-out groups (``config.holdout_fraction`` of the pids, never trained on) measure zero-shot
 retrieval after training: each held-out image ranks the captions of all held-out images; a hit is a
 top caption of the image's own group (:func:`retrieval_accuracy`; ``chance`` is the hit rate of a
@@ -67,6 +76,7 @@ __all__ = [
     "CaptionsError",
     "PretrainConfig",
     "PretrainResult",
+    "calibrate_feature_scale",
     "encode_captions",
     "encode_images",
     "pretrain_clip",
@@ -108,6 +118,9 @@ class PretrainConfig(BaseModel):
     instances_per_group: int = Field(
         4, ge=1, description="K: batches of batch_size/K pids × K of their images (P×K sampling) when the captions "
                              "carry pids; 1 = plain random batches")
+    calibrate_feature_scale: bool = Field(
+        True, description="rescale the output projections after training so that raw image-text dot products equal "
+                          "exp(t)·cos on average (CLIP-ReID's losses use raw dot products); normalised features unchanged")
     seed: int = 0
 
 
@@ -123,6 +136,8 @@ class PretrainResult:
     train_images: int
     holdout_images: int
     history: list[dict[str, float]] = field(default_factory=list)
+    #: :func:`calibrate_feature_scale`'s report (empty when not calibrated)
+    feature_scale: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         r = self.retrieval
@@ -137,6 +152,10 @@ class PretrainResult:
                 f"{r['image_to_caption_top1']:.3f} (chance {r['chance']:.3f}), "
                 f"caption→image top-1 {r['caption_to_image_top1']:.3f}"
             )
+        if self.feature_scale:
+            s = self.feature_scale
+            text += (f"; raw feature lengths image {s['image_norm']:.2f} / caption {s['text_norm']:.2f} rescaled to "
+                     f"{s['target_norm']:.2f} (= sqrt of the logit scale {s['logit_scale']:.2f})")
         return text
 
 
@@ -325,6 +344,40 @@ def _param_groups(model: nn.Module, used: _UsedTokens, weight_decay: float) -> l
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@torch.no_grad()
+def calibrate_feature_scale(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, eot: torch.Tensor,
+                            spec: DeviceSpec, batch_size: int = 256) -> dict[str, float]:
+    """Rescale ``model``'s image and text output projections (in place) so that the mean raw feature
+    length of ``images`` (preprocessed, ``(N, 3, H, W)``) and of the captions ``tokens`` is
+    ``sqrt(exp(logit_scale))`` for both: raw dot products then average CLIP's trained logits
+    ``exp(t) · cos``. Each projection is linear, so normalised features do not change.
+
+    Returns the mean lengths before (``image_norm``, ``text_norm``), ``target_norm`` and ``logit_scale``.
+    """
+    if images.shape[0] == 0 or tokens.shape[0] == 0:
+        raise ValueError("calibrate_feature_scale needs at least one image and one caption")
+    text_encoder = TextEncoder(model)
+    img_norms, txt_norms = [], []
+    for start in range(0, images.shape[0], batch_size):
+        with spec.autocast():
+            img_norms.append(_image_features(model, images[start : start + batch_size].to(spec.device)).float().norm(dim=-1))
+    for start in range(0, tokens.shape[0], batch_size):
+        t, e = tokens[start : start + batch_size].to(spec.device), eot[start : start + batch_size].to(spec.device)
+        with spec.autocast():
+            txt_norms.append(_text_features(model, text_encoder, t, e).float().norm(dim=-1))
+    image_norm, text_norm = float(torch.cat(img_norms).mean()), float(torch.cat(txt_norms).mean())
+    logit_scale = float(model.logit_scale.detach().float().exp())
+    target = math.sqrt(logit_scale)
+    visual = model.visual
+    if hasattr(visual, "proj") and visual.proj is not None:  # ViT: features = ln_post(cls) @ proj
+        visual.proj.mul_(target / image_norm)
+    else:  # ResNet: the attention pool's output projection (weight and bias)
+        visual.attnpool.c_proj.weight.mul_(target / image_norm)
+        visual.attnpool.c_proj.bias.mul_(target / image_norm)
+    model.text_projection.mul_(target / text_norm)
+    return {"image_norm": image_norm, "text_norm": text_norm, "target_norm": target, "logit_scale": logit_scale}
+
+
 def _targets(groups: torch.Tensor) -> torch.Tensor:
     """Row-normalised match matrix: row i spreads its target over the batch items of its group."""
     same = (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)
@@ -442,6 +495,12 @@ def pretrain_clip(
     for p in model.parameters():
         p.requires_grad_(False)
 
+    feature_scale: dict[str, float] = {}
+    if cfg.calibrate_feature_scale:
+        # a fixed, seeded sample of training images (unaugmented) and their captions
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:512]
+        sample = TestTransform(size, mean, std)(cache.fetch(pick, spec.device))
+        feature_scale = calibrate_feature_scale(model, sample, tokens[pick], eot[pick], spec)
     retrieval: dict[str, float] = {}
     if hold_idx:
         held = ImageCache.from_paths(root, [records[i].image for i in hold_idx]).to(spec.device)
@@ -451,7 +510,7 @@ def pretrain_clip(
     result = PretrainResult(
         model=model.cpu(), loss_per_epoch=losses, retrieval=retrieval, wall_time_s=train_time,
         samples_per_s=step * cfg.batch_size / max(train_time, 1e-9), train_images=n, holdout_images=len(hold_idx),
-        history=history,
+        history=history, feature_scale=feature_scale,
     )
     if log is not None:
         log(result.summary())
@@ -488,6 +547,7 @@ def pretrain_clip_folder(
         "train_images": result.train_images,
         "holdout_images": result.holdout_images,
         "wall_time_s": result.wall_time_s,
+        "feature_scale": result.feature_scale,
         **(extra_meta or {}),
     })
     return result

@@ -142,6 +142,9 @@ class Stage2Config(BaseModel):
             flip_p=0.5, padding=10, erase_p=0.5, pixel_mean=mean, pixel_std=std,
         )
         base.update(overrides)
+        if "padding" not in overrides:
+            # the paper pads 10 px at its 256-pixel input height: the same share of a smaller input
+            base["padding"] = max(1, round(10 * int(base["input_size"][0]) / 256))
         return cls(**base)
 
     @property
