@@ -99,6 +99,21 @@ def test_custom_size_and_cameras(tmp_path: Path) -> None:
         assert img.size == (32, 64)
 
 
+def test_more_training_than_test_identities(tmp_path: Path) -> None:
+    info = generate_synthetic_dataset(tmp_path / "d", num_ids=10, images_per_id=4, seed=3, num_test_ids=3)
+    assert len(info.train_pids) == 7 and len(info.test_pids) == 3
+    assert info.num_identities["query"] == 3 and info.parameters["num_test_ids"] == 3
+    df, _ = build_manifest_with_report(tmp_path / "d")
+    assert df[df.split == "train"].pid.nunique() == 7
+    assert set(df[df.split == "query"].pid) == set(info.test_pids)
+    default = generate_synthetic_dataset(tmp_path / "e", num_ids=10, images_per_id=4, seed=3)
+    assert len(default.test_pids) == 5 and "num_test_ids" not in default.parameters  # halves, as before
+    with pytest.raises(ValueError, match="num_test_ids must be between 1 and num_ids - 1 = 9, got 10"):
+        generate_synthetic_dataset(tmp_path / "f", num_ids=10, num_test_ids=10)
+    assert main([str(tmp_path / "g"), "--ids", "6", "--test-ids", "2", "--images-per-id", "4"]) == 0
+    assert json.loads((tmp_path / "g" / "synthetic.json").read_text())["num_identities"]["query"] == 2
+
+
 def test_existing_output_and_overwrite(tiny, tmp_path: Path) -> None:
     root, _ = tiny
     out = tmp_path / "ds"

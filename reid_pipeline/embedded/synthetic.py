@@ -591,12 +591,12 @@ def _caption(spec: _Spec, ident: _Identity, shows: str, seed: int) -> str:
 # planning which images exist
 # ----------------------------------------------------------------------------------------------
 def _plan(seed: int, num_ids: int, images_per_id: int, num_cameras: int, num_distractors: int,
-          num_junk: int) -> tuple[list[int], list[int], list[_Spec]]:
+          num_junk: int, num_test: int) -> tuple[list[int], list[int], list[_Spec]]:
     rng = _rng(seed, 0xDA7A)
     max_pid = min(9999, max(1501, 2 * num_ids))
     pids = np.sort(rng.choice(np.arange(1, max_pid + 1), size=num_ids, replace=False))
     perm = rng.permutation(num_ids)
-    n_train = (num_ids + 1) // 2
+    n_train = num_ids - num_test
     train = sorted(int(p) for p in pids[perm[:n_train]])
     test = sorted(int(p) for p in pids[perm[n_train:]])
     test_set = set(test)
@@ -686,13 +686,15 @@ def generate_synthetic_dataset(
     overwrite: bool = False,
     skip_existing: bool = False,
     captions: bool = True,
+    num_test_ids: int | None = None,
 ) -> SyntheticDatasetInfo:
     """Write a synthetic Market-1501-style dataset to ``out``.
 
     Args:
         out: dataset root to create (its parent is created if needed).
         num_ids: identities in total; the first half (rounded up) trains, the rest is tested, like
-            Market's 751 / 750. Pids are random distinct numbers in 1..max(1501, 2·num_ids).
+            Market's 751 / 750 (unless ``num_test_ids`` says otherwise). Pids are random distinct
+            numbers in 1..max(1501, 2·num_ids).
         images_per_id: mean images per identity (each gets ±25 %, at least 4), spread over 2–4
             cameras with at least 2 images per camera.
         num_cameras: cameras ``c1``..``cN`` (2–9).
@@ -710,6 +712,9 @@ def generate_synthetic_dataset(
             write nothing and return its info with ``reused=True``.
         captions: also write ``captions.jsonl`` (see :data:`CAPTIONS_FILE`): one caption per image
             describing what was drawn (:func:`reid_pipeline.embedded.captions.describe`).
+        num_test_ids: how many of the ``num_ids`` identities are tested (query and gallery); the
+            rest train. Default: half, rounded down. More training than test identities keeps a
+            small gallery while giving the model more people to learn from.
 
     Returns:
         A :class:`SyntheticDatasetInfo`, also written to ``out/synthetic.json``.
@@ -719,7 +724,10 @@ def generate_synthetic_dataset(
         FileExistsError: ``out`` already holds a split folder and ``overwrite`` is false.
     """
     t0 = time.perf_counter()
-    approx_test = (num_ids // 2) * images_per_id
+    if num_test_ids is not None and not 1 <= num_test_ids < num_ids:
+        raise ValueError(f"num_test_ids must be between 1 and num_ids - 1 = {num_ids - 1}, got {num_test_ids}")
+    n_test = num_ids // 2 if num_test_ids is None else num_test_ids
+    approx_test = n_test * images_per_id
     if num_distractors is None:
         num_distractors = max(1, round(0.15 * approx_test))
     if num_junk is None:
@@ -730,7 +738,7 @@ def generate_synthetic_dataset(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {str(out)!r} exists and is not a directory")
 
-    train, test, specs = _plan(seed, num_ids, images_per_id, num_cameras, num_distractors, num_junk)
+    train, test, specs = _plan(seed, num_ids, images_per_id, num_cameras, num_distractors, num_junk, n_test)
     num_images = {s: sum(1 for sp in specs if sp.split == s) for s in SPLIT_FOLDERS}
     num_identities = {
         s: len({sp.pid for sp in specs if sp.split == s and sp.pid != -1}) for s in SPLIT_FOLDERS
@@ -740,7 +748,9 @@ def generate_synthetic_dataset(
         train_pids=train, test_pids=test, num_images=num_images,
         num_identities=num_identities, num_junk=num_junk, num_distractors=num_distractors,
         parameters={"num_ids": num_ids, "images_per_id": images_per_id,
-                    "jpeg_quality": jpeg_quality, "captions": bool(captions)},
+                    "jpeg_quality": jpeg_quality, "captions": bool(captions),
+                    # recorded only when set, so that datasets written before the option keep their record
+                    **({} if num_test_ids is None else {"num_test_ids": num_test_ids})},
     )
     payload = info.to_dict()
     for volatile in ("seconds", "root", "reused"):
@@ -826,6 +836,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="preset for --ids and --images-per-id (default: small = "
                         f"{PRESETS['small']['num_ids']} ids x {PRESETS['small']['images_per_id']})")
     p.add_argument("--ids", type=int, default=None, help="identities in total (half train, half test)")
+    p.add_argument("--test-ids", type=int, default=None, help="of those, how many are tested (default half)")
     p.add_argument("--images-per-id", type=int, default=None, help="mean images per identity (>= 4)")
     p.add_argument("--cameras", type=int, default=6, help="number of cameras, 2..9 (default 6)")
     p.add_argument("--height", type=int, default=128, help="image height (default 128)")
@@ -852,7 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else preset["images_per_id"],
             num_cameras=args.cameras, height=args.height, width=args.width, seed=args.seed,
             num_distractors=args.distractors, num_junk=args.junk, jpeg_quality=args.quality,
-            overwrite=args.overwrite, skip_existing=args.skip_existing,
+            overwrite=args.overwrite, skip_existing=args.skip_existing, num_test_ids=args.test_ids,
         )
     except (ValueError, FileExistsError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
