@@ -102,6 +102,13 @@ def test_unset_overrides_are_the_library_defaults():
     assert VisualEncoderConfig().library_config(_frozen("vit")).sie_coe == 3.0  # CLIP-ReID's config default
 
 
+def test_random_erasing_is_an_asset_option_checked_by_the_library():
+    assert VisualEncoderConfig().library_config(_frozen("vit")).erase_p == 0.5  # the paper's
+    assert VisualEncoderConfig(erase_p=0.0).library_config(_frozen("vit")).erase_p == 0.0
+    with pytest.raises(ValueError, match="erase_p"):
+        VisualEncoderConfig(erase_p=1.5).library_config(_frozen("vit"))
+
+
 def test_run_preset_loader_names_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_run_preset(str(tmp_path / "nope.yaml"))

@@ -93,6 +93,8 @@ class VisualEncoderConfig(Launchable):
     sie_camera: Optional[bool] = Field(default=None, description="SIE: a learned camera embedding on the class token.")
     sie_coe: Optional[float] = Field(
         default=None, description="SIE coefficient; default 3.0 (CLIP-ReID's config); its published SIE+OLP command uses 1.0.")
+    erase_p: Optional[float] = Field(
+        default=None, description="Random-erasing probability, 0..1 (paper: 0.5; torchreid's random_erase).")
     seed: Optional[int] = None
     checkpoint_every: Optional[int] = None
 
