@@ -41,7 +41,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     # name: generator arguments. "synthetic" is the demo; "synthetic-ci" the CI preset.
     # The demo trains on 160 people and tests on 40: with 40 of each (the generator's default halves),
     # stage 2 saturated near fine-tuned mAP 0.49; with 160 the same number of stage-2 steps reaches
-    # 0.67-0.69 (measured over seeds, benchmarks/demo_recipes.py). The gallery stays small.
+    # 0.67-0.69 and twice as many 0.73 (3 seeds each, benchmarks/demo_recipes.py). The gallery stays small.
     "synthetic": {"num_ids": 200, "num_test_ids": 40, "images_per_id": 8, "seed": 0},
     "synthetic-ci": {"num_ids": 24, "images_per_id": 6, "seed": 1},
 }
