@@ -52,7 +52,7 @@ def closed_set_copy(data: Path, out: Path) -> Path:
         shutil.copytree(data / split, out / split)
     (out / "bounding_box_train").mkdir(parents=True)
     for image in sorted((data / "bounding_box_test").iterdir()):
-        if not image.name.split("_")[0] in ("0000", "-1"):  # distractors and junk are nobody to learn
+        if image.name.split("_")[0] not in ("0000", "-1"):  # distractors and junk are nobody to learn
             shutil.copy2(image, out / "bounding_box_train" / image.name)
     return out
 
