@@ -14,7 +14,7 @@ from reid_pipeline.assets.serving import gallery_index, onnx_encoder
 from reid_pipeline.assets.training import prompt_checkpoint, visual_encoder
 from reid_pipeline.deploy import executor_from_env
 from reid_pipeline.jobs import reid_job
-from reid_pipeline.operations import patch_pool_wait, reap_dead_runs_sensor, reap_on_cli_start
+from reid_pipeline.operations import patch_pool_wait, patch_slot_claim, reap_dead_runs_sensor, reap_on_cli_start
 from reid_pipeline.partitions import CONFIGURED_DATASETS
 from reid_pipeline.resources import DEFAULT_CLIP_WEIGHTS, ArtifactIOManager, ReidSettings, TrainingDevice
 from reid_pipeline.schedules import nightly_retrain_schedule
@@ -26,8 +26,10 @@ def _env_or(name: str, default: str):
     return dg.EnvVar(name) if os.environ.get(name) else default
 
 
-# A step waiting for a pool slot sleeps instead of spinning; a CLI run first frees what dead runs hold.
+# A step waiting for a pool slot sleeps instead of spinning, a slot is claimed only while it is free (SQLite),
+# and a CLI run first frees what dead runs hold.
 patch_pool_wait()
+patch_slot_claim()
 reap_on_cli_start()
 
 settings = ReidSettings(

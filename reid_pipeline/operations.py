@@ -14,6 +14,11 @@
   hand: ``python -m reid_pipeline.operations reap``.
 * :func:`patch_pool_wait` — Dagster 1.13's multiprocess executor spins at 100 % of a core while a
   step waits for a pool slot and nothing else runs; the patch sleeps until the next claim check.
+* :func:`patch_slot_claim` — Dagster claims a pool slot by selecting a free slot row ``FOR UPDATE``
+  and then writing the claim by row id; SQLite ignores ``FOR UPDATE``, so two runs asking at the same
+  instant both select the one free ``gpu`` slot and both "claim" it (the second overwrites the first)
+  and train at once. The patch makes the write a compare-and-set (only while the row is still free),
+  which SQLite's serialised writes make atomic; the loser waits like any blocked step.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "reap_dead_runs",
     "reap_on_cli_start",
     "patch_pool_wait",
+    "patch_slot_claim",
     "reap_dead_runs_sensor",
 ]
 
@@ -214,6 +220,41 @@ def patch_pool_wait() -> bool:
 
     concurrency_event_iterator._reid_patched = True  # type: ignore[attr-defined]
     ActiveExecution.concurrency_event_iterator = concurrency_event_iterator
+    return True
+
+
+def patch_slot_claim() -> bool:
+    """Claim a pool slot only if it is still free when the claim is written (see the module docstring).
+
+    Private storage API (``SqlEventLogStorage._claim_concurrency_slot``), replaced by the same query with
+    ``step_key IS NULL`` added to the update; ``test_slot_claim_is_compare_and_set`` fails loudly when a
+    Dagster upgrade moves it. The original stays reachable as ``_reid_original``. Returns True when applied.
+    """
+    from dagster._core.storage.event_log import sql_event_log as sql
+
+    original = sql.SqlEventLogStorage._claim_concurrency_slot
+    if getattr(original, "_reid_patched", False):
+        return True
+    slots = sql.ConcurrencySlotsTable
+
+    @functools.wraps(original)
+    def _claim_concurrency_slot(self, concurrency_key: str, run_id: str, step_key: str):
+        free = sql.db.and_(slots.c.concurrency_key == concurrency_key, slots.c.step_key == None,  # noqa: E711
+                           slots.c.deleted == False)  # noqa: E712
+        with self.index_connection() as conn:
+            while True:  # each lost race means another claimer took a slot: this ends when none is free
+                row = conn.execute(sql.db_select([slots.c.id]).select_from(slots).where(free)
+                                   .with_for_update(skip_locked=True).limit(1)).fetchone()
+                if not row or not row[0]:
+                    return sql.ConcurrencySlotStatus.BLOCKED
+                won = conn.execute(slots.update().values(run_id=run_id, step_key=step_key)
+                                   .where(sql.db.and_(slots.c.id == row[0], free))).rowcount
+                if won:
+                    return sql.ConcurrencySlotStatus.CLAIMED
+
+    _claim_concurrency_slot._reid_patched = True  # type: ignore[attr-defined]
+    _claim_concurrency_slot._reid_original = original  # type: ignore[attr-defined]
+    sql.SqlEventLogStorage._claim_concurrency_slot = _claim_concurrency_slot
     return True
 
 

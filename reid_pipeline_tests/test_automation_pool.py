@@ -12,6 +12,7 @@ import textwrap
 
 import dagster as dg
 
+from reid_pipeline.operations import patch_slot_claim
 from reid_pipeline.pools import GPU_OP_TAGS, GPU_POOL
 from reid_pipeline_tests.conftest import PROJECT_ROOT
 
@@ -23,7 +24,10 @@ CHILD = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     import dagster as dg
+    from reid_pipeline.operations import patch_slot_claim
     from reid_pipeline.partitions import dataset_partitions
+
+    patch_slot_claim()  # as every process that loads reid_pipeline.definitions does
 
     home, pool, tags, out, me, other, dataset = sys.argv[1:]
 
@@ -92,3 +96,62 @@ def test_two_runs_never_train_at_once(tmp_path):
     assert a_end <= b_start, f"training steps overlapped: [{a_start}, {a_end}] and [{b_start}, {b_end}]"
     # The second run's step waited for the slot (it was not merely late).
     assert any(f"blocked by limit for pool {GPU_POOL}" in log for log in logs)
+
+
+def test_slot_claim_is_compare_and_set(tmp_path, monkeypatch):
+    """The race the two-process test can lose, made deterministic: run A claims the one ``gpu`` slot between
+    run B's select of the free slot and B's write. Dagster's own claim (SQLite ignores ``FOR UPDATE``) then
+    overwrites A's claim and reports B CLAIMED too; the patched claim sees the slot taken and blocks B."""
+    from dagster._core.storage.event_log import sql_event_log as sql
+
+    assert patch_slot_claim()
+    patched = sql.SqlEventLogStorage._claim_concurrency_slot
+    slots = sql.ConcurrencySlotsTable
+
+    def race(claim) -> tuple[object, list[tuple]]:
+        home = tmp_path / f"home-{claim.__name__}-{id(claim)}"
+        home.mkdir()
+        shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            storage = instance.event_log_storage
+            storage.set_concurrency_slots(GPU_POOL, 1)
+            connect = storage.index_connection
+            fired = []
+
+            class Racing:
+                def __init__(self, conn):
+                    self._conn = conn
+
+                def __getattr__(self, name):
+                    return getattr(self._conn, name)
+
+                def execute(self, statement, *args, **kwargs):
+                    result = self._conn.execute(statement, *args, **kwargs)
+                    if not fired and statement.is_select:  # B has read the free slot: now A claims it
+                        fired.append(True)
+                        rows = result.fetchall()
+                        self._conn.execute(slots.update().values(run_id="run-a", step_key="train-a")
+                                           .where(slots.c.concurrency_key == GPU_POOL))
+                        return type("Rows", (), {"fetchone": lambda _self: rows[0] if rows else None})()
+                    return result
+
+            from contextlib import contextmanager
+
+            @contextmanager
+            def racing_connection():
+                with connect() as conn:
+                    yield Racing(conn)
+
+            monkeypatch.setattr(storage, "index_connection", racing_connection)
+            status = claim(storage, GPU_POOL, "run-b", "train-b")
+            monkeypatch.setattr(storage, "index_connection", connect)
+            with connect() as conn:
+                holders = [tuple(r) for r in conn.execute(
+                    sql.db_select([slots.c.run_id, slots.c.step_key]).where(slots.c.concurrency_key == GPU_POOL))]
+            assert fired
+            return status, holders
+
+    status, holders = race(patched._reid_original)  # Dagster as is: both runs think they hold the slot
+    assert status == sql.ConcurrencySlotStatus.CLAIMED and holders == [("run-b", "train-b")]
+    status, holders = race(patched)
+    assert status == sql.ConcurrencySlotStatus.BLOCKED and holders == [("run-a", "train-a")]
