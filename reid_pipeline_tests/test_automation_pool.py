@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 
 import dagster as dg
 
@@ -134,8 +135,6 @@ def test_slot_claim_is_compare_and_set(tmp_path, monkeypatch):
                                            .where(slots.c.concurrency_key == GPU_POOL))
                         return type("Rows", (), {"fetchone": lambda _self: rows[0] if rows else None})()
                     return result
-
-            from contextlib import contextmanager
 
             @contextmanager
             def racing_connection():
