@@ -50,6 +50,14 @@ def test_standalone_preset_validates_against_the_graph(name):
     assert result["ops"]["visual_encoder"]["config"]["epochs"] >= 1
 
 
+def test_demo_runs_in_one_process():
+    """The demo asks Dagster's default executor for one process (11 fresh Pythons cost ~100 s on 2 cores);
+    the paper presets keep a process per step."""
+    demo = dg.validate_run_config(_job(), yaml.safe_load((CONFIGS / "demo.yaml").read_text()))
+    assert list(demo["execution"]["multi_or_in_process_executor"]) == ["in_process"]
+    assert "execution" not in load_run_config([BASE, CONFIGS / "market1501_vitb16.yaml"])
+
+
 def test_merge_is_the_cli_merge():
     """Our merge (used for REID_RUN_CONFIG) equals Dagster's own merge of repeated -c files."""
     for overlay in PAPER_OVERLAYS:
