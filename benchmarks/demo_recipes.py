@@ -63,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default demo,paper-erasing,closed-set)")
     parser.add_argument("--seed", type=int, default=0, help="added to the preset's stage-1 and stage-2 seeds")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clip", type=Path, default=ROOT / "data" / "embedded" / "tiny_clip_vit.pt",
+                        help="the CLIP archive to start from (default: the embedded one)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    clip_path = ROOT / "data" / "embedded" / "tiny_clip_vit.pt"
+    clip_path = args.clip
     if not DATA.is_dir() or not clip_path.is_file():
         print(f"{DATA} or {clip_path} missing: run `make embedded` first", file=sys.stderr)
         return 2
