@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clip", type=Path, default=ROOT / "data" / "embedded" / "tiny_clip_vit.pt",
                         help="the CLIP archive to start from (default: the embedded one)")
+    parser.add_argument("--preset", type=Path, default=PRESET, help="the run-config preset (default configs/demo.yaml)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{DATA} or {clip_path} missing: run `make embedded` first", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    ops = yaml.safe_load(PRESET.read_text())["ops"]
+    ops = yaml.safe_load(args.preset.read_text())["ops"]
     clip_cfg = ops["frozen_clip"]["config"]
     size = (int(clip_cfg["input_height"]), int(clip_cfg["input_width"]))
     stage1_cfg = ops["prompt_checkpoint"]["config"]
