@@ -123,24 +123,29 @@ def test_a_step_waiting_for_the_pool_costs_next_to_nothing(tmp_path, patch):
     init_instance(home)
     defs = tmp_path / "defs.py"
     defs.write_text(DEFS)
-    holder = _launch(defs, home, tmp_path, "a", hold=25.0)
+    holder = _launch(defs, home, tmp_path, "a", hold=60.0)  # killed below once measured
     try:
         _wait_for(tmp_path / "started-a")
         waiter = _launch(defs, home, tmp_path, "b", hold=0.0, patch=patch)
         try:
-            time.sleep(6.0)  # let it load and start waiting for the slot
-            before, t0 = _cpu_seconds(waiter.pid), time.time()
-            time.sleep(6.0)
-            share = (_cpu_seconds(waiter.pid) - before) / (time.time() - t0)
+            time.sleep(4.0)  # let it load and start waiting for the slot
+            # The least busy of four 3-s windows: a spinning executor is busy in every one, while start-up
+            # work (imports, instance load on a slow 2-core CI machine) only inflates the first ones.
+            shares = []
+            for _ in range(4):
+                before, t0 = _cpu_seconds(waiter.pid), time.time()
+                time.sleep(3.0)
+                shares.append((_cpu_seconds(waiter.pid) - before) / (time.time() - t0))
+            share = min(shares)
             assert not (tmp_path / "started-b").exists()  # it really was waiting
         finally:
             _end(waiter)
     finally:
         _end(holder)
     if patch:
-        assert share < 0.15, f"a waiting run used {share:.0%} of a core"
+        assert share < 0.15, f"a waiting run used {share:.0%} of a core (windows: {shares})"
     else:  # reproduces the fault; if this fails, Dagster fixed it upstream and patch_pool_wait can go
-        assert share > 0.5, f"unpatched Dagster no longer spins ({share:.0%} of a core)"
+        assert share > 0.5, f"unpatched Dagster no longer spins ({share:.0%} of a core; windows: {shares})"
 
 
 @pytest.mark.slow
