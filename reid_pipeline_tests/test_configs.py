@@ -50,11 +50,12 @@ def test_standalone_preset_validates_against_the_graph(name):
     assert result["ops"]["visual_encoder"]["config"]["epochs"] >= 1
 
 
-def test_demo_runs_in_one_process():
-    """The demo asks Dagster's default executor for one process (11 fresh Pythons cost ~100 s on 2 cores);
-    the paper presets keep a process per step."""
-    demo = dg.validate_run_config(_job(), yaml.safe_load((CONFIGS / "demo.yaml").read_text()))
-    assert list(demo["execution"]["multi_or_in_process_executor"]) == ["in_process"]
+@pytest.mark.parametrize("name", ["demo", "ci"])
+def test_small_presets_run_in_one_process(name):
+    """The demo and CI presets ask Dagster's default executor for one process (11 fresh Pythons cost ~100 s
+    on 2 cores); the paper presets keep a process per step."""
+    small = dg.validate_run_config(_job(), yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()))
+    assert list(small["execution"]["multi_or_in_process_executor"]) == ["in_process"]
     assert "execution" not in load_run_config([BASE, CONFIGS / "market1501_vitb16.yaml"])
 
 
