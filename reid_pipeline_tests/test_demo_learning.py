@@ -11,8 +11,10 @@ mAP 0.344 (the same for every stage seed: it depends on the pre-training only), 
 + 0.39), re-ranked 0.772-0.827. Asserted as they stand: the baseline and the margin goals. Not reached
 within the demo's few-minute budget: prompt accuracy 0.8 (it was 0.88 on the earlier 40 training
 identities, where the fine-tuned encoder saturated near 0.49; no stage-1 setting tried passed 0.68 on
-160) and fine-tuned mAP 0.80; their floors are what the method shows now with a margin for other
-machines' floating-point kernels: prompt accuracy >= 0.50 (80 x chance) and fine-tuned mAP >= 0.65.
+160: free vectors trained with the same loss reach 0.83, the frozen small text tower is what stops the
+prompts, ``benchmarks/stage1_ceiling.py``) and fine-tuned mAP 0.80; their floors are what the method
+shows now with a margin for other machines' floating-point kernels: prompt accuracy >= 0.50 (80 x chance)
+and fine-tuned mAP >= 0.65.
 """
 
 from __future__ import annotations

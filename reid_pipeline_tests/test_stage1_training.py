@@ -322,3 +322,25 @@ def test_torn_checkpoint_is_detected_not_resumed(clip_model, tmp_path):
     state.write_bytes(epoch1_tensors)
     with pytest.raises(CheckpointError, match=r"torn checkpoint \(tensors from epoch 1, sidecar state.json from epoch 2"):
         train_prompts(clip_model, feats, labels, 4, config, CPU, state_path=state)
+
+
+def test_stage1_ceiling_free_prototypes_separate_classes():
+    """benchmarks/stage1_ceiling.py's ceiling: free class vectors of a fixed length, trained with the
+    stage-1 loss, classify well-separated classes far above random vectors."""
+    import importlib.util
+
+    from reid_pipeline.pipeline import image_to_prompt_accuracy
+    from reid_pipeline_tests.conftest import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("stage1_ceiling", PROJECT_ROOT / "benchmarks" / "stage1_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(12, 16, generator=gen), dim=1) * 3.0
+    labels = torch.arange(12).repeat_interleave(6)
+    features = centres[labels] + 0.6 * torch.randn(len(labels), 16, generator=gen)
+    chance_level = image_to_prompt_accuracy(features, labels, torch.randn(12, 16, generator=gen))
+    directions = module.free_prototypes(features, labels, 12, length=3.0, epochs=20, batch_size=16, seed=0)
+    assert directions.shape == (12, 16) and not directions.requires_grad
+    accuracy = image_to_prompt_accuracy(features, labels, directions)
+    assert accuracy >= 0.95 > chance_level + 0.5, (accuracy, chance_level)
