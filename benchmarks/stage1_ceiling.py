@@ -47,13 +47,17 @@ DATA = ROOT / "data" / "embedded" / "synthetic"
 PRESET = ROOT / "configs" / "demo.yaml"
 
 
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each class's mean normalised feature."""
+    unit = F.normalize(features, dim=1)
+    return torch.stack([unit[labels == c].mean(0) for c in range(num_classes)])
+
+
 def free_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, length: float, epochs: int,
                     batch_size: int, seed: int, lr: float = 1e-2) -> torch.Tensor:
     """One vector per class of fixed ``length``, trained with the stage-1 loss from the class means."""
     gen = torch.Generator().manual_seed(seed)
-    unit = F.normalize(features, dim=1)
-    means = torch.stack([unit[labels == c].mean(0) for c in range(num_classes)])
-    directions = torch.nn.Parameter(means.clone())
+    directions = torch.nn.Parameter(class_means(features, labels, num_classes))
     opt = torch.optim.Adam([directions], lr=lr)
     for _ in range(epochs):
         perm = torch.randperm(len(features), generator=gen)
@@ -100,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         features = extract_features(clip_model.encode_image, cache, None, steps._test_transform(frozen.clip), spec)
         labels = torch.as_tensor(train.label.to_numpy().copy(), dtype=torch.long)
         classes = manifest.num_classes
-        unit = F.normalize(features, dim=1)
-        means = torch.stack([unit[labels == c].mean(0) for c in range(classes)])
+        means = class_means(features, labels, classes)
         rows.append(("class means", float("nan"), steps.image_to_prompt_accuracy(features, labels, means)))
         prompt_length = None
         for s in scales:
