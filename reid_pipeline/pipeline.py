@@ -218,7 +218,7 @@ def prompts_step(manifest: ManifestArtifact, frozen: FrozenClipArtifact, config:
     log(f"stage 1 on {spec.describe()}: {len(train)} images, {manifest.num_classes} identities, {config.epochs} epochs")
     cache = image_cache(manifest, train, cache_dir, log)
     features = extract_features(clip_model.encode_image, cache, None, _test_transform(frozen.clip), spec, parallel=parallel)
-    labels = torch.as_tensor(train.label.to_numpy(), dtype=torch.long)
+    labels = torch.as_tensor(train.label.to_numpy(copy=True), dtype=torch.long)
     result = train_prompts(clip_model, features, labels, manifest.num_classes, config, spec,
                            state_path=state_path, on_epoch_end=on_epoch_end, log=log, parallel=parallel)
     if parallel is not None and not parallel.is_main:
@@ -321,8 +321,8 @@ def features_step(manifest: ManifestArtifact, encoder: EncoderArtifact, spec: De
         cams = rows.camid.to_numpy() if model.num_cameras else None
         tensors[split] = extract_features(model, cache, None, transform, spec, batch_size, cam_ids=cams, parallel=parallel)
         tensors[f"baseline_{split}"] = extract_features(baseline, cache, None, transform, spec, batch_size, parallel=parallel)
-        tensors[f"{split}_pids"] = torch.as_tensor(rows.pid.to_numpy(), dtype=torch.int64)
-        tensors[f"{split}_camids"] = torch.as_tensor(rows.camid.to_numpy(), dtype=torch.int64)
+        tensors[f"{split}_pids"] = torch.as_tensor(rows.pid.to_numpy(copy=True), dtype=torch.int64)
+        tensors[f"{split}_camids"] = torch.as_tensor(rows.camid.to_numpy(copy=True), dtype=torch.int64)
         meta[f"{split}_paths"] = list(rows.path)
         log(f"{split}: {len(rows)} images → features {tuple(tensors[split].shape)} ({spec.precision})")
     if parallel is not None and not parallel.is_main:

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from reid_pipeline.embedded import synthetic as syn
-from reid_pipeline.embedded.captions import COLOUR_WORDS, HAIR_WORDS, describe
+from reid_pipeline.embedded.captions import (
+    BUILD_WORDS,
+    COLOUR_WORDS,
+    HAIR_WORDS,
+    HEIGHT_WORDS,
+    SKIN_WORDS,
+    STRIPE_WORDS,
+    describe,
+)
 
 ARGS = {"num_ids": 16, "images_per_id": 6, "num_cameras": 4}
 PALETTE = dict(zip(syn._CLOTHES_NAMES, (c for c, _ in syn._CLOTHES)))
@@ -77,6 +85,39 @@ def test_caption_names_every_attribute_that_was_drawn(captioned):
     junk = [r for r in records if r["pid"] == -1]
     assert junk and all(r["attributes"] is None for r in junk)
     assert all(r["caption"] in syn._JUNK_CAPTIONS[r["shows"]] for r in junk)
+
+
+def words_of(caption: str) -> set[str]:
+    return set(caption.replace(",", " ").split())
+
+
+def test_build_skin_and_stripe_width_are_what_was_drawn(captioned):
+    """Height and torso width are named by the third of their range the figure was drawn in (the
+    middle third unnamed), skin by its palette tone, stripes by their period; never wrongly."""
+    _, records = captioned
+    people = [r for r in records if r["pid"] > 0]
+    named = {"build": 0, "skin": 0}
+    for r in people:
+        a, c, w = r["attributes"], r["caption"], words_of(r["caption"])
+        ident = syn._random_identity(syn._rng(4, 11, r["pid"]))
+        third = (ident.height - 0.84) / (1.0 - 0.84)
+        assert a["height"] == ("short" if third < 1 / 3 else "tall" if third >= 2 / 3 else "average")
+        for key, table in (("height", HEIGHT_WORDS), ("build", BUILD_WORDS)):
+            for value, synonyms in table.items():
+                if w & set(synonyms):
+                    assert a[key] == value, c
+                    named["build"] += 1
+        tones = [t for t, synonyms in SKIN_WORDS.items()
+                 if any(f"{s}-skinned" in c or f"with {s} skin" in c for s in synonyms)]
+        assert tones in ([], [a["skin"]]), c
+        assert bool(tones) == ("skin" in c), c
+        named["skin"] += bool(tones)
+        assert a["stripes"] == ("narrow" if ident.period < 10 else "wide")
+        for value, synonyms in STRIPE_WORDS.items():
+            if w & set(synonyms):
+                assert a["pattern"] in ("hstripes", "vstripes") and a["stripes"] == value, c
+    assert named["build"] > len(people) / 3 and named["skin"] > len(people) / 3, named
+    assert {r["attributes"]["skin"] for r in people} >= {"pale", "dark"}
 
 
 def test_named_colours_are_the_drawn_pixels(captioned):

@@ -124,3 +124,29 @@ def test_bad_captions_files_are_named(tmp_path, folder):
     bad.write_text(json.dumps({"image": image, "caption": "a person"}) + "\n")
     with pytest.raises(CaptionsError, match="at least 2"):
         read_captions(folder, bad)
+
+
+def test_the_embedded_clip_is_kept_until_its_captions_change(folder, tmp_path):
+    """``make embedded`` keeps a pre-trained CLIP whose sidecar records the same recipe; new caption
+    wording (another captions.jsonl) is another recipe, so the CLIP is trained again."""
+    import shutil
+
+    from reid_pipeline.embedded import build
+
+    data = tmp_path / "pretrain-captions"
+    shutil.copytree(folder, data)
+    clip_path = tmp_path / "clip.pt"
+    clip_path.write_bytes(b"kept")
+    (tmp_path / "clip.pt.json").write_text(json.dumps({"recipe": build._recipe(data, TINY)}))
+    assert build.ensure_pretrained_clip(clip_path, data, TINY, progress=False) == clip_path
+    assert clip_path.read_bytes() == b"kept"  # nothing trained, nothing overwritten
+    before = build._recipe(data, TINY)
+    captions = data / "captions.jsonl"
+    lines = captions.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["caption"] = first["caption"] + ", seen on a sunny day"
+    captions.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    after = build._recipe(data, TINY)
+    assert after != before and after["captions_sha256"] != before["captions_sha256"]
+    assert {k: v for k, v in after.items() if k != "captions_sha256"} == {
+        k: v for k, v in before.items() if k != "captions_sha256"}

@@ -9,7 +9,8 @@
 
 ``python -m reid_pipeline.embedded [--root data/embedded]`` — idempotent and deterministic: a dataset
 is regenerated only when its ``synthetic.json`` does not match the arguments, the CLIP only when it is
-absent or its sidecar records another pre-training recipe. Every item is written to a temporary file or
+absent or its sidecar records another pre-training recipe (configuration, data arguments or
+captions). Every item is written to a temporary file or
 folder and moved into place, so an interrupted build is redone.
 """
 
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from reid_pipeline.device import resolve_device
-from reid_pipeline.embedded.synthetic import generate_synthetic_dataset
+from reid_pipeline.embedded.synthetic import CAPTIONS_FILE, generate_synthetic_dataset
 from reid_pipeline.embedded.tiny_clip import build_tiny_clip
-from reid_pipeline.storage import read_json
+from reid_pipeline.storage import file_sha256, read_json
 from reid_pipeline.training.clip_pretrain import PretrainConfig, pretrain_clip_folder
 
 __all__ = [
@@ -69,7 +70,10 @@ def ensure_dataset(root: Path, name: str, **kwargs: Any) -> Path:
 
 
 def _recipe(data: Path, config: PretrainConfig) -> dict[str, Any]:
+    """What the pre-trained CLIP depends on; the captions' checksum, so that new wording retrains it."""
+    captions = data / CAPTIONS_FILE
     return {"arch": CLIP_ARCH, "init_seed": CLIP_SEED, "data": data.name, "data_args": PRETRAIN_DATASET[1],
+            "captions_sha256": file_sha256(captions) if captions.is_file() else None,
             "config": config.model_dump(mode="json")}
 
 

@@ -5,7 +5,9 @@ torso with a clothing pattern (solid, horizontal or vertical stripes, checks, tw
 logo visible from the front only), long or short sleeves, trousers, shorts or a skirt, shoes, an
 optional backpack, handbag or shoulder bag, and a build (height, width). Colours come from a
 palette of 18 named colours, about equally likely (version 3; version 2 drew mostly dark colours, so
-many people looked alike): identity is carried by the combination of attributes the captions name.
+many people looked alike): identity is carried by the combination of attributes the captions name
+(version 4: the captions also name skin tone, build and stripe width, which set apart people
+dressed alike; the images are those of version 3).
 
 Each camera has its own scene (background panorama with clutter), illumination (brightness,
 contrast, colour cast), preferred viewpoints (front, back, side), mirroring probability, slight
@@ -22,7 +24,8 @@ Market chose them), the rest gallery. The gallery also holds distractors (pid ``
 outside the test set) and junk (pid ``-1``: background or body-part fragments).
 
 Captions: ``captions.jsonl`` describes every image in words from the attributes drawn (colours,
-pattern, sleeves, trousers/shorts/skirt, bag, hair or cap, shoes, view) with synonyms and varied word
+pattern and stripe width, sleeves, trousers/shorts/skirt, bag, hair or cap, shoes, skin tone,
+height and build, view) with synonyms and varied word
 order (:mod:`reid_pipeline.embedded.captions`) — the pre-training data of the embedded small CLIP.
 
 Determinism: the same arguments give byte-identical files (numpy ``Generator`` seeded per
@@ -60,7 +63,7 @@ __all__ = [
     "main",
 ]
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 INFO_FILE = "synthetic.json"
 #: one JSON object a line: ``image`` (path relative to the root), ``caption``, ``pid``, ``camid``
 #: (0-based), ``split``, ``shows`` (the view, or ``fragment``/``background`` for junk), ``attributes``.
@@ -91,6 +94,7 @@ _CLOTHES_NAMES = ("black", "dark grey", "grey", "light grey", "white", "navy", "
                   "brown")
 _SKIN: list[Color] = [(250, 215, 185), (235, 190, 155), (210, 160, 120), (175, 125, 90),
                       (135, 90, 60), (95, 65, 45)]
+_SKIN_NAMES = ("pale", "fair", "medium", "tan", "brown", "dark")
 _HAIR: list[Color] = [(20, 18, 16), (45, 30, 20), (90, 60, 35), (200, 170, 110),
                       (150, 150, 150), (130, 60, 30)]
 _HAIR_NAMES = ("black", "dark brown", "brown", "blond", "grey", "red")
@@ -105,6 +109,8 @@ _BAG_P = (0.5, 0.22, 0.13, 0.15)
 _HAIRSTYLES = ("short", "long", "bald", "cap")
 _HAIR_P = (0.5, 0.28, 0.07, 0.15)
 _VIEWS = ("front", "back", "side")
+#: build: figure height and torso width, relative (uniform); captions name their thirds
+_HEIGHT_RANGE, _WIDTH_RANGE = (0.84, 1.0), (0.8, 1.25)
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,10 @@ class _Identity:
         return {"top": n["top"], "top2": n["top2"], "pattern": self.pattern,
                 "long_sleeves": self.long_sleeves, "bottom": n["bottom"], "bottom_type": self.bottom_type,
                 "bag": self.bag, "bag_colour": n["bag"], "hairstyle": self.hairstyle, "hair": n["hair"],
-                "cap": n["cap"], "shoes": n["shoes"]}
+                "cap": n["cap"], "shoes": n["shoes"], "skin": n["skin"],
+                "height": _third(self.height, *_HEIGHT_RANGE, ("short", "average", "tall")),
+                "build": _third(self.width, *_WIDTH_RANGE, ("slim", "average", "broad")),
+                "stripes": "narrow" if self.period < 10 else "wide"}
 
 
 @dataclass(frozen=True)
@@ -233,13 +242,19 @@ def _pick(rng: np.random.Generator, options: Sequence[str], p: Sequence[float]) 
     return options[int(rng.choice(len(options), p=np.asarray(p) / np.sum(p)))]
 
 
+def _third(value: float, low: float, high: float, words: tuple[str, str, str]) -> str:
+    """The word for the third of ``[low, high)`` that ``value`` falls in."""
+    return words[min(2, int(3 * (value - low) / (high - low)))]
+
+
 def _random_identity(rng: np.random.Generator) -> _Identity:
     # The draws happen in a fixed order (the images of a seed do not depend on the captions).
     top, top_name = _clothes_pick(rng)
     top2, top2_name = _clothes_pick(rng)
     while sum(abs(a - b) for a, b in zip(top, top2)) < 90:  # a visible second colour
         top2, top2_name = _clothes_pick(rng)
-    skin = _jitter(rng, _SKIN[int(rng.integers(len(_SKIN)))], 8)
+    skin_idx = int(rng.integers(len(_SKIN)))
+    skin = _jitter(rng, _SKIN[skin_idx], 8)
     hair_idx = int(rng.integers(len(_HAIR)))
     hair = _jitter(rng, _HAIR[hair_idx], 10)
     hairstyle = _pick(rng, _HAIRSTYLES, _HAIR_P)
@@ -257,10 +272,11 @@ def _random_identity(rng: np.random.Generator) -> _Identity:
         skin=skin, hair=hair, hairstyle=hairstyle, cap=cap, top=top, top2=top2, pattern=pattern,
         period=period, long_sleeves=long_sleeves, bottom=bottom, bottom_type=bottom_type,
         shoes=shoes, bag=bag, bag_color=bag_color,
-        height=float(rng.uniform(0.84, 1.0)),
-        width=float(rng.uniform(0.8, 1.25)),
+        height=float(rng.uniform(*_HEIGHT_RANGE)),
+        width=float(rng.uniform(*_WIDTH_RANGE)),
         names={"top": top_name, "top2": top2_name, "hair": _HAIR_NAMES[hair_idx], "cap": cap_name,
-               "bottom": bottom_name, "shoes": _SHOES_NAMES[shoes_idx], "bag": bag_name},
+               "bottom": bottom_name, "shoes": _SHOES_NAMES[shoes_idx], "bag": bag_name,
+               "skin": _SKIN_NAMES[skin_idx]},
     )
 
 
