@@ -6,9 +6,9 @@ re-ranking reported beside it.
 The issue's goals are baseline mAP >= 0.30, prompt accuracy >= 0.8, fine-tuned mAP >= 0.80 and >= the
 baseline + 0.30. Measured on one shared 2-core machine, one torch thread (seeds = the stage-1/stage-2
 seeds: the preset's 0/1234, then 1/1235 and 2/1236; ``benchmarks/demo_recipes.py --seed S``): baseline
-mAP 0.344 (the same for every stage seed: it depends on the pre-training only), prompt accuracy
-0.612-0.616 over 160 training identities (chance 1/160), fine-tuned mAP 0.728-0.738 (baseline + 0.38 to
-+ 0.39), re-ranked 0.772-0.827. Asserted as they stand: the baseline and the margin goals. Not reached
+mAP 0.350 (the same for every stage seed: it depends on the pre-training only), prompt accuracy
+0.600-0.610 over 160 training identities (chance 1/160), fine-tuned mAP 0.738-0.747 (baseline + 0.39 to
++ 0.40), re-ranked 0.807-0.809. Asserted as they stand: the baseline and the margin goals. Not reached
 within the demo's few-minute budget: prompt accuracy 0.8 (it was 0.88 on the earlier 40 training
 identities, where the fine-tuned encoder saturated near 0.49; no stage-1 setting tried passed 0.68 on
 160: free vectors trained with the same loss reach 0.83, the frozen small text tower is what stops the

@@ -297,7 +297,7 @@ def retrieval_accuracy(
     the exact caption). Returns ``image_to_caption_top1``, ``caption_to_image_top1`` and ``chance``
     (the expected hit rate of a random pick: the mean share of rows in one's own group).
     """
-    g = torch.as_tensor(np.asarray(groups), dtype=torch.long)
+    g = torch.as_tensor(np.array(groups), dtype=torch.long)
     if image_features.shape[0] != text_features.shape[0] or g.numel() != image_features.shape[0]:
         raise ValueError(
             f"need one text feature and one group per image, got {image_features.shape[0]} images, "

@@ -45,7 +45,7 @@ def extract_features(
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    idx_all = torch.arange(len(cache)) if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+    idx_all = torch.arange(len(cache)) if indices is None else torch.as_tensor(np.array(indices), dtype=torch.long).reshape(-1)
     if parallel is not None and parallel.world_size > 1:
         n, bs = idx_all.numel(), int(batch_size)
         batches = -(-n // bs)
@@ -56,7 +56,7 @@ def extract_features(
         return parallel.gather_rows(local, sizes)
     cams = None
     if cam_ids is not None:
-        cams = torch.as_tensor(np.asarray(cam_ids), dtype=torch.long).reshape(-1)
+        cams = torch.as_tensor(np.array(cam_ids), dtype=torch.long).reshape(-1)
         if cams.numel() != len(cache):
             raise ValueError(f"cam_ids has {cams.numel()} entries, expected one per cached image ({len(cache)})")
     device = device_spec.device

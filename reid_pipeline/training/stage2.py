@@ -206,7 +206,7 @@ def make_train_transform(config: Stage2Config, generator: torch.Generator | None
 
 
 def _as_long(values: Any, name: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(values))
+    t = torch.as_tensor(np.array(values))
     if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D integer array, got dtype {t.dtype} and shape {tuple(t.shape)}")
     return t.long()
