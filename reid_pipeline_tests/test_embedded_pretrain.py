@@ -22,7 +22,7 @@ from reid_pipeline.training.clip_pretrain import (
 )
 
 SIZE = (64, 32)  # 4 × 2 patches of 16: fast on a CPU
-TINY = PretrainConfig(epochs=30, batch_size=32, instances_per_group=2, lr=1e-3, warmup_epochs=2,
+TINY = PretrainConfig(epochs=30, batch_size=32, instances_per_group=2, lr=2e-3, warmup_epochs=2,
                       input_size=SIZE, holdout_fraction=0.25, seed=0)
 
 

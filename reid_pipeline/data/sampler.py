@@ -43,7 +43,7 @@ class PKSampler:
     ) -> None:
         if int(p) < 1 or int(k) < 1:
             raise ValueError(f"P and K must be >= 1, got P={p}, K={k}")
-        labels = torch.as_tensor(np.array(pids)).reshape(-1).tolist()
+        labels = torch.as_tensor(np.asarray(pids)).reshape(-1).tolist()
         if not labels:
             raise ValueError("PKSampler needs at least one item")
         self.p, self.k = int(p), int(k)
