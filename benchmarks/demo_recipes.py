@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{DATA} or {clip_path} missing: run `make embedded` first", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    ops = yaml.safe_load(args.preset.read_text())["ops"]
+    print_rows(run_variants(variants, clip_path, args.seed, args.preset))
+    return 0
+
+
+def run_variants(variants: list[str], clip_path: Path, seed: int = 0, preset: Path = PRESET) -> list[tuple]:
+    """One row per variant: (name, baseline mAP, prompt acc, train acc, mAP, re-ranked, rank-1, stage-1 s, stage-2 s)."""
+    ops = yaml.safe_load(preset.read_text())["ops"]
     clip_cfg = ops["frozen_clip"]["config"]
     size = (int(clip_cfg["input_height"]), int(clip_cfg["input_width"]))
     stage1_cfg = ops["prompt_checkpoint"]["config"]
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             out = work / variant
             data = closed_set_copy(DATA, out / "data") if variant == "closed-set" else DATA
             stride = 8 if variant == "stride-8" else None
-            s2 = dict(stage2_cfg, seed=1234 + args.seed)
+            s2 = dict(stage2_cfg, seed=1234 + seed)
             if variant == "paper-erasing":
                 s2["erase_p"] = 0.5
             elif variant == "more-epochs":
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             for sub in ("manifest", "clip", "prompts", "encoder", "features", "metrics"):
                 (out / sub).mkdir(parents=True)
             manifest, df, _ = steps.manifest_step(data, out / "manifest", check_images=False)
-            s1 = dict(stage1_cfg, seed=args.seed)
+            s1 = dict(stage1_cfg, seed=seed)
             if variant == "closed-set":  # as many steps as the demo: epochs × (demo's / this training split)
                 scale = demo_train_images / int((df.split == "train").sum())
                 s1["epochs"] = round(s1["epochs"] * scale)
@@ -122,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((variant, m["baseline_mAP"], stage1["image_to_prompt_accuracy"], result.final_accuracy,
                          m["mAP"], m["reranked_mAP"], m["rank-1"], t1 - t0, t2 - t1))
             print(f"done {variant}: fine-tuned mAP {m['mAP']:.3f} ({t2 - t0:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_rows(rows: list[tuple]) -> None:
     base_s2 = next((r[8] for r in rows if r[0] == "demo"), None)
     print(f"{'variant':<12} {'baseline':>8} {'prompt acc':>10} {'train acc':>9} {'mAP':>6} {'re-ranked':>9} "
           f"{'rank-1':>6} {'stage1 s':>8} {'stage2 s':>8} {'vs demo':>7}")
@@ -129,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         rel = f"{s2_time / base_s2:.2f}x" if base_s2 else "-"
         print(f"{name:<12} {base:8.3f} {acc1:10.3f} {acc2:9.3f} {fine:6.3f} {rr:9.3f} {r1:6.3f} {s1:8.0f} "
               f"{s2_time:8.0f} {rel:>7}")
-    return 0
 
 
 if __name__ == "__main__":
