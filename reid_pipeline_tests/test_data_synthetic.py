@@ -44,6 +44,18 @@ def test_same_seed_gives_identical_bytes(tiny, tmp_path: Path) -> None:
     assert a == b
 
 
+def test_drawing_in_threads_gives_the_same_files(tmp_path: Path) -> None:
+    # 440 images: above the size at which the images are drawn by several workers
+    kwargs = dict(num_ids=50, images_per_id=8, num_test_ids=10, seed=4)
+    one = generate_synthetic_dataset(tmp_path / "one", workers=1, **kwargs)
+    three = generate_synthetic_dataset(tmp_path / "three", workers=3, **kwargs)
+    assert sum(one.num_images.values()) >= 400
+    a, b = files_of(tmp_path / "one"), files_of(tmp_path / "three")
+    assert list(a) == list(b)
+    assert a == b
+    assert three.to_dict()["num_images"] == one.to_dict()["num_images"]
+
+
 def test_different_seed_differs(tiny, tmp_path: Path) -> None:
     root, _ = tiny
     other = tmp_path / "other"
@@ -153,7 +165,7 @@ def test_skip_existing_reuses_only_the_same_complete_dataset(tmp_path: Path) -> 
     "kwargs, message",
     [({"num_ids": 1}, "num_ids"), ({"images_per_id": 3}, "images_per_id"),
      ({"num_cameras": 1}, "num_cameras"), ({"num_cameras": 10}, "num_cameras"),
-     ({"height": 8}, "image size"), ({"num_junk": -1}, "num_junk")],
+     ({"height": 8}, "image size"), ({"num_junk": -1}, "num_junk"), ({"workers": 0}, "workers")],
 )
 def test_invalid_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

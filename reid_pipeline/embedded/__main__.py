@@ -1,5 +1,6 @@
 """``python -m reid_pipeline.embedded``: build the embedded default (see :mod:`.build`)."""
 
-from reid_pipeline.embedded.build import main
+if __name__ == "__main__":  # the generator's spawned workers import this module again: they must not build
+    from reid_pipeline.embedded.build import main
 
-main()
+    main()

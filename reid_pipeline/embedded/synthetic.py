@@ -46,6 +46,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -687,6 +688,65 @@ def _validate(num_ids: int, images_per_id: int, num_cameras: int, height: int, w
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
 
 
+#: below this many images a dataset is drawn in one thread (the others would have little to do)
+_PARALLEL_MIN_IMAGES = 400
+
+
+def _default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _chunks(specs: list[_Spec], workers: int) -> list[list[_Spec]]:
+    """``specs`` cut into about four pieces per worker, never inside one identity's images (they share
+    a texture cache); one piece when ``workers`` is 1 or the dataset is small."""
+    if workers <= 1 or len(specs) < _PARALLEL_MIN_IMAGES:
+        return [specs]
+    size = math.ceil(len(specs) / (4 * workers))
+    chunks: list[list[_Spec]] = [[]]
+    for spec in specs:
+        last = chunks[-1]
+        if len(last) >= size and not (spec.kind == "id" and last[-1].kind == "id" and last[-1].pid == spec.pid):
+            chunks.append(last := [])
+        last.append(spec)
+    return chunks
+
+
+def _render_chunk(job: tuple[Path, dict[int, _Camera], int, int, int, int, bool], specs: list[_Spec]) -> list[str]:
+    """Draw and write ``specs`` under ``job``'s folder; their caption lines, in order (empty without captions).
+
+    Every image follows from its own seeded generators, so pieces drawn in any process, in any order,
+    give the same files as one pass."""
+    tmp, cameras, seed, width, height, jpeg_quality, captions = job
+    current_pid, current = -2, None
+    current_tex: dict[str, Image.Image] = {}
+    lines: list[str] = []
+    for spec in specs:
+        if spec.kind == "id":  # planned contiguously per pid: one identity + texture cache
+            if spec.pid != current_pid:
+                current_pid = spec.pid
+                current = _random_identity(_rng(seed, 11, spec.pid))
+                current_tex = {}
+            ident, tex = current, current_tex
+        elif spec.kind == "distractor":
+            ident, tex = _random_identity(_rng(seed, 13, spec.index)), {}
+        else:
+            ident, tex = _random_identity(_rng(seed, 19, spec.index)), {}
+        img, shows = _render(spec, ident, cameras[spec.cam], seed, width, height, tex)
+        rel = f"{SPLIT_FOLDERS[spec.split]}/{spec.filename}"
+        img.save(tmp / rel, "JPEG", quality=jpeg_quality, subsampling=0, optimize=False, progressive=False)
+        if captions:
+            lines.append(json.dumps({
+                "image": rel, "caption": _caption(spec, ident, shows, seed), "pid": spec.pid,
+                "camid": spec.cam - 1, "split": spec.split, "shows": shows,
+                "attributes": ident.attributes() if spec.kind != "junk" else None,
+            }, sort_keys=True))
+    return lines
+
+
 def generate_synthetic_dataset(
     out: str | os.PathLike,
     num_ids: int = 80,
@@ -703,6 +763,7 @@ def generate_synthetic_dataset(
     skip_existing: bool = False,
     captions: bool = True,
     num_test_ids: int | None = None,
+    workers: int | None = None,
 ) -> SyntheticDatasetInfo:
     """Write a synthetic Market-1501-style dataset to ``out``.
 
@@ -731,6 +792,8 @@ def generate_synthetic_dataset(
         num_test_ids: how many of the ``num_ids`` identities are tested (query and gallery); the
             rest train. Default: half, rounded down. More training than test identities keeps a
             small gallery while giving the model more people to learn from.
+        workers: threads that draw the images (default: the usable CPU cores, at most 8; 1 draws
+            them in this thread, as it does any dataset under 400 images). The files do not depend on it.
 
     Returns:
         A :class:`SyntheticDatasetInfo`, also written to ``out/synthetic.json``.
@@ -750,6 +813,10 @@ def generate_synthetic_dataset(
         num_junk = max(1, round(0.08 * approx_test))
     _validate(num_ids, images_per_id, num_cameras, height, width, num_distractors, num_junk,
               jpeg_quality)
+    if workers is None:
+        workers = _default_workers()
+    elif workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {str(out)!r} exists and is not a directory")
@@ -784,8 +851,6 @@ def generate_synthetic_dataset(
             "to replace them"
         )
 
-    cameras = {c: _make_camera(seed, c, 2 * width, 2 * height) for c in range(1, num_cameras + 1)}
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -793,30 +858,17 @@ def generate_synthetic_dataset(
     try:
         for folder in SPLIT_FOLDERS.values():
             (tmp / folder).mkdir(parents=True)
-        current_pid, current = -2, None
-        current_tex: dict[str, Image.Image] = {}
+        chunks = _chunks(specs, workers)
+        cameras = {c: _make_camera(seed, c, 2 * width, 2 * height) for c in range(1, num_cameras + 1)}
+        job = (tmp, cameras, seed, width, height, jpeg_quality, captions)
         lines: list[str] = []
-        for spec in specs:
-            if spec.kind == "id":  # planned contiguously per pid: one identity + texture cache
-                if spec.pid != current_pid:
-                    current_pid = spec.pid
-                    current = _random_identity(_rng(seed, 11, spec.pid))
-                    current_tex = {}
-                ident, tex = current, current_tex
-            elif spec.kind == "distractor":
-                ident, tex = _random_identity(_rng(seed, 13, spec.index)), {}
-            else:
-                ident, tex = _random_identity(_rng(seed, 19, spec.index)), {}
-            img, shows = _render(spec, ident, cameras[spec.cam], seed, width, height, tex)
-            rel = f"{SPLIT_FOLDERS[spec.split]}/{spec.filename}"
-            img.save(tmp / rel, "JPEG", quality=jpeg_quality, subsampling=0, optimize=False,
-                     progressive=False)
-            if captions:
-                lines.append(json.dumps({
-                    "image": rel, "caption": _caption(spec, ident, shows, seed), "pid": spec.pid,
-                    "camid": spec.cam - 1, "split": spec.split, "shows": shows,
-                    "attributes": ident.attributes() if spec.kind != "junk" else None,
-                }, sort_keys=True))
+        if len(chunks) == 1:
+            lines = _render_chunk(job, chunks[0])
+        else:  # threads: PIL's filters, resampling and JPEG encoder and numpy's array maths release the GIL
+            # (1.6x on two cores); processes would have to re-import the caller's main module or fork its threads
+            with ThreadPoolExecutor(min(len(chunks), workers)) as pool:
+                for chunk_lines in pool.map(_render_chunk, [job] * len(chunks), chunks):
+                    lines.extend(chunk_lines)
         if captions:
             (tmp / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
         (tmp / INFO_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -864,6 +916,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT")
     p.add_argument("--skip-existing", action="store_true",
                    help="do nothing if OUT already holds the dataset these arguments describe")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads drawing the images (default: the CPU cores, at most 8); the files do not depend on it")
     return p
 
 
@@ -880,6 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_cameras=args.cameras, height=args.height, width=args.width, seed=args.seed,
             num_distractors=args.distractors, num_junk=args.junk, jpeg_quality=args.quality,
             overwrite=args.overwrite, skip_existing=args.skip_existing, num_test_ids=args.test_ids,
+            workers=args.workers,
         )
     except (ValueError, FileExistsError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
