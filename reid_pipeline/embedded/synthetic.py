@@ -718,7 +718,7 @@ def _chunks(specs: list[_Spec], workers: int) -> list[list[_Spec]]:
 def _render_chunk(job: tuple[Path, dict[int, _Camera], int, int, int, int, bool], specs: list[_Spec]) -> list[str]:
     """Draw and write ``specs`` under ``job``'s folder; their caption lines, in order (empty without captions).
 
-    Every image follows from its own seeded generators, so pieces drawn in any process, in any order,
+    Every image follows from its own seeded generators, so pieces drawn in any thread, in any order,
     give the same files as one pass."""
     tmp, cameras, seed, width, height, jpeg_quality, captions = job
     current_pid, current = -2, None
