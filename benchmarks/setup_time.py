@@ -4,9 +4,10 @@
   arguments) in one thread against ``--workers`` threads; the files are compared byte for byte.
 * ``install`` (``--install``; about six minutes): this project installed into two fresh virtual
   environments, with pip compiling every module to bytecode (pip's default, what the Makefile does) and
-  with ``--no-compile``, then twice what the demo imports. Without the bytecode Python compiles what a
-  process imports, and keeps it only where it may write it: where ``PYTHONDONTWRITEBYTECODE`` is set (as
-  on this project's machines) every process pays again, which is why the Makefile keeps pip's default.
+  with ``--no-compile``, then what the demo imports: twice after the default install; after ``--no-compile``
+  once with ``PYTHONDONTWRITEBYTECODE=1`` (as on this project's machines: Python compiles what the process
+  imports and keeps nothing, so every process pays again), then twice with it unset, as the Makefile runs
+  (the first process writes the bytecode of what it imports, the next ones read it).
 
     python benchmarks/setup_time.py [--workers 2] [--repeats 2] [--install]
 """
@@ -76,14 +77,23 @@ def install() -> None:
                 raise SystemExit(f"pip install ({mode}) failed:\n{pip.stderr}")
             t1 = time.perf_counter()
             env = dict(os.environ, PYTHONWARNINGS="ignore")
-            subprocess.run([py, "-c", DEMO_IMPORTS], check=True, env=env, cwd=ROOT)
-            t2 = time.perf_counter()
-            subprocess.run([py, "-c", DEMO_IMPORTS], check=True, env=env, cwd=ROOT)
-            rows.append((mode, t1 - t0, t2 - t1, time.perf_counter() - t2))
-    print(f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}")
-    print(f"{'install':<22} {'pip s':>6} {'1st import s':>12} {'2nd import s':>12} {'total s':>7}")
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            if extra:  # before any bytecode is written: what every process paid with the variable set
+                rows.append((f"{mode}, DONTWRITE=1", t1 - t0, *_imports(py, dict(env, PYTHONDONTWRITEBYTECODE="1"))))
+            rows.append((mode if not extra else f"{mode}, unset", t1 - t0, *_imports(py, env)))
+    print(f"{'install':<30} {'pip s':>6} {'1st import s':>12} {'2nd import s':>12} {'total s':>7}")
     for mode, pip_s, first, second in rows:
-        print(f"{mode:<22} {pip_s:6.0f} {first:12.1f} {second:12.1f} {pip_s + first:7.0f}")
+        print(f"{mode:<30} {pip_s:6.0f} {first:12.1f} {second:12.1f} {pip_s + first:7.0f}")
+
+
+def _imports(py: str, env: dict[str, str]) -> tuple[float, float]:
+    """Seconds of two processes in a row importing what the demo imports."""
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([py, "-c", DEMO_IMPORTS], check=True, env=env, cwd=ROOT)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]
 
 
 def main() -> int:
