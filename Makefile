@@ -15,8 +15,6 @@ PYTEST_ARGS ?=
 # pytest-xdist workers, one test file per worker (module fixtures are shared within a file). Many tests
 # wait on subprocesses, daemons and servers, so three workers fill two cores: on an idle 2-core machine
 # the suite took 1179 s serially, 810 s with 2 workers, 691 s with 3 (2026-12-07). TEST_WORKERS=0 runs it serially.
-# Files are handed out longest first (conftest.py orders them by their slow(seconds=…) marks; xdist's own
-# reordering by number of tests is off).
 TEST_WORKERS ?= 3
 
 .PHONY: setup embedded demo test lint ui bench clean-artifacts postgres
@@ -71,7 +69,7 @@ lint: setup
 
 test: embedded $(CHROMIUM) postgres lint
 	$(DG) check defs
-	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # REID_RUN_CONFIG: the preset whose op config the retrain sensor applies to the runs it launches.
 ui: embedded

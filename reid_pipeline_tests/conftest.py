@@ -10,32 +10,6 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _expected_seconds(items: list[pytest.Item]) -> float:
-    """The running time a file's ``@pytest.mark.slow(seconds=…)`` marks announce (0 for none)."""
-    total = 0.0
-    for item in items:
-        marker = item.get_closest_marker("slow")
-        total += float(marker.kwargs.get("seconds", 0)) if marker is not None else 0.0
-    return total
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test``), the files that take longest are handed out first.
-
-    ``--dist loadfile`` gives each worker whole files in collection order (the Makefile turns off
-    xdist's own reordering, which puts the files with the most tests first and left the one-test
-    demo file, the longest, to start last). Files are ordered by the seconds their slow tests announce,
-    most first, the rest keep pytest's order; tests within a file keep theirs. Serial runs are untouched.
-    """
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    by_file: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        by_file.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
-    ordered = sorted(by_file.values(), key=_expected_seconds, reverse=True)  # stable: ties keep their order
-    items[:] = [item for group in ordered for item in group]
-
-
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return PROJECT_ROOT

@@ -51,7 +51,7 @@ SHARED = ("frozen_clip", "cross_domain_metrics")
 ALL_ASSETS = PER_DATASET + SHARED
 
 
-@pytest.mark.slow(seconds=160)
+@pytest.mark.slow
 def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
     """`dagster asset materialize --select '*' --partition synthetic-ci -c configs/ci.yaml` — the command CI users run,
     here with a process per step (Dagster's default executor, as the paper presets run; the preset asks for one

@@ -27,7 +27,7 @@ from reid_pipeline_tests.conftest import PROJECT_ROOT
 FLOORS = {"baseline_mAP": 0.30, "image_to_prompt_accuracy": 0.40, "mAP": 0.80, "margin": 0.30}
 
 
-@pytest.mark.slow(seconds=380)
+@pytest.mark.slow
 def test_demo_learns_at_every_stage(tmp_path, monkeypatch):
     from reid_pipeline.definitions import defs
 

@@ -23,7 +23,7 @@ def _write(path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.mark.slow(seconds=55)
+@pytest.mark.slow
 def test_torchrun_launch_materialises_with_in_process_metadata_keys(dagster_home, tmp_path, tiny_clip_path):
     """`dagster asset materialize … --partition synthetic-ci -c configs/ci.yaml -c <overlay>`: in process first, then with
     ``launcher: torchrun, nproc_per_node: 2`` — the same metadata keys, world size 2, a descriptor."""

@@ -116,7 +116,7 @@ def test_pool_limit_holds_from_the_first_run(tmp_path):
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow
 @pytest.mark.parametrize("patch", [False, True], ids=["dagster-as-is", "patched"])
 def test_a_step_waiting_for_the_pool_costs_next_to_nothing(tmp_path, patch):
     home = _fresh_home(tmp_path)
@@ -297,7 +297,7 @@ QUEUE_DEFS = textwrap.dedent(
 )
 
 
-@pytest.mark.slow(seconds=100)
+@pytest.mark.slow
 def test_a_queue_of_four_training_runs_survives_one_killed(tmp_path):
     from reid_pipeline_tests.ui_server import descendants, free_port, wait_until
 

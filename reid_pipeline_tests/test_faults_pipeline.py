@@ -23,7 +23,7 @@ import yaml
 from reid_pipeline.storage import load_tensors
 from reid_pipeline_tests.conftest import PROJECT_ROOT, cli_env
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow(seconds=30)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 UPSTREAM = "raw_dataset,clip_weights,dataset_manifest,frozen_clip,prompt_checkpoint"
 DATASET = "synthetic-ci"  # the partition the runs are for (one of the defaults), pointed at the test's own data

@@ -96,7 +96,7 @@ def _stopped(server: DagsterDev) -> None:
     assert server.survivors() == [], f"processes outlived dg dev: {server.survivors()}"
 
 
-@pytest.mark.slow(seconds=100)
+@pytest.mark.slow
 def test_pipeline_on_a_postgres_instance(postgres: PostgresServer, tmp_path):
     first = PostgresDagsterDev(tmp_path / "first", postgres)
     try:

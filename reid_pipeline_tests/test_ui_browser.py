@@ -15,7 +15,7 @@ from reid_pipeline_tests.ui_server import (
     materialized_pipeline,
 )
 
-pytestmark = [pytest.mark.slow(seconds=50), pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -23,7 +23,7 @@ from reid_pipeline_tests.ui_server import (
     wait_until,
 )
 
-pytestmark = pytest.mark.slow(seconds=40)
+pytestmark = pytest.mark.slow
 
 
 def _add_image_atomically(server: DagsterDev) -> str:
