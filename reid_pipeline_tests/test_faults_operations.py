@@ -145,7 +145,10 @@ def test_a_step_waiting_for_the_pool_costs_next_to_nothing(tmp_path, patch):
     if patch:
         assert share < 0.15, f"a waiting run used {share:.0%} of a core (windows: {shares})"
     else:  # reproduces the fault; if this fails, Dagster fixed it upstream and patch_pool_wait can go
-        assert share > 0.5, f"unpatched Dagster no longer spins ({share:.0%} of a core; windows: {shares})"
+        # The mean of the last three windows: on two cores shared with other test workers a spinning process
+        # got 0.49 of a core in one window (0.94 and 0.81 in the others); a waiting one stays under 0.15 in all.
+        spin = sum(shares[1:]) / len(shares[1:])
+        assert spin > 0.4, f"unpatched Dagster no longer spins ({spin:.0%} of a core; windows: {shares})"
 
 
 @pytest.mark.slow
