@@ -20,7 +20,7 @@ TEST_WORKERS ?= 3
 .PHONY: setup embedded demo test lint ui bench clean-artifacts postgres
 
 # --no-compile: pip's byte-compiling of every installed module (torch's CUDA build is most of the 5.5 GB)
-# cost 33 s of a 104 s install on 2 cores (2026-12-07); Python compiles the modules it imports on first use,
+# made pip take 116 s against 72 s on 2 cores (benchmarks/setup_time.py --install, 2026-12-07); Python compiles what it imports on first use,
 # so PYTHONDONTWRITEBYTECODE is unset here (with it set, every process would recompile torch: 11 s against 5).
 unexport PYTHONDONTWRITEBYTECODE
 $(VENV)/.installed: pyproject.toml
