@@ -10,11 +10,18 @@ Its image→prompt accuracy is bounded by two things this script separates:
   (:func:`~reid_pipeline.training.supcon.stage1_loss`), batch and epochs as stage 1 (Adam, lr 1e-2),
   its length held at ``s`` times the prompts' mean text-feature length: the best any set of text
   features of that length does under this loss, i.e. the ceiling the image features set;
+* ``free pre-LN ×s`` — one free vector per identity in the text tower's residual stream, where the
+  end-of-text token's state enters the frozen ``ln_final`` and ``text_projection`` (times ``s``), trained
+  with the same loss (Adam, lr 3e-2): the best the prompts could do if the transformer blocks steered
+  the end-of-text state anywhere, i.e. the ceiling the tower's last normalisation and projection set;
 * ``stage-1 prompts ×s`` — the demo preset's stage 1 itself (``train_prompts``), with the text tower's
   output projection multiplied by ``s`` (``s = 1``: the demo as it is).
 
-The gap between the last two rows at the same ``s`` is the text tower's: the prompt tokens cannot
-steer its output to where the free prototypes go. Raising ``s`` (a larger logit scale for the loss)
+The gap between the free prototypes and the free pre-LN vectors is the projection's: pre-training on
+captions leaves its singular values falling steeply (printed: the largest, the median and the
+smallest but one), so directions the captions never used are hard to reach. The gap between the
+pre-LN vectors and the prompts is the transformer blocks'. Together they are the text tower's: the
+prompt tokens cannot steer its output to where the free prototypes go. Raising ``s`` (a larger logit scale for the loss)
 lifts the ceiling but not the prompts. The last line is the prompts' accuracy over the ceiling's at
 the first ``s``. CPU, fp32, ``--threads`` torch threads (default 1).
 
@@ -71,6 +78,30 @@ def free_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     return directions.detach()
 
 
+def free_residuals(features: torch.Tensor, labels: torch.Tensor, num_classes: int, model: torch.nn.Module,
+                   epochs: int, batch_size: int, seed: int, lr: float = 3e-2) -> torch.Tensor:
+    """One free end-of-text state per class, through ``model``'s frozen ``ln_final`` and ``text_projection``,
+    trained with the stage-1 loss; returns the resulting text features."""
+    gen = torch.Generator().manual_seed(seed)
+    width = model.text_projection.shape[0]
+    states = torch.nn.Parameter(torch.randn(num_classes, width, generator=gen))
+    opt = torch.optim.Adam([states], lr=lr)
+
+    def text() -> torch.Tensor:
+        return model.ln_final(states) @ model.text_projection
+
+    for _ in range(epochs):
+        perm = torch.randperm(len(features), generator=gen)
+        for start in range(0, len(features), batch_size):
+            idx = perm[start : start + batch_size]
+            loss = stage1_loss(features[idx], text()[labels[idx]], labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return text()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clip", type=Path, default=ROOT / "data" / "embedded" / "tiny_clip_vit.pt")
@@ -124,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                                      config.seed)
             rows.append((f"free prototypes x{s:g}", time.perf_counter() - t0,
                          steps.image_to_prompt_accuracy(features, labels, protos)))
+            t0 = time.perf_counter()
+            pre_ln = free_residuals(features, labels, classes, model, config.epochs, config.batch_size, config.seed)
+            rows.append((f"free pre-LN x{s:g}", time.perf_counter() - t0,
+                         steps.image_to_prompt_accuracy(features, labels, pre_ln)))
     print(f"{classes} identities, {len(labels)} training images, image features {features.shape[1]}-d, "
           f"prompt text-feature length {prompt_length:.2f}, mean image-feature length {float(features.norm(dim=1).mean()):.2f}")
+    sv = torch.linalg.svdvals(clip_model.text_projection.detach().float())
+    print(f"text_projection singular values: largest {float(sv[0]):.3f}, median {float(sv[len(sv) // 2]):.3f}, "
+          f"smallest but one {float(sv[-2]):.4f}")
     print(f"{'prototypes':<22} {'image->prompt acc':>17} {'seconds':>8}")
     for name, seconds, acc in rows:
         print(f"{name:<22} {acc:17.3f} {seconds:8.0f}")
