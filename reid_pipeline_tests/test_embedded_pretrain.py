@@ -93,6 +93,36 @@ def test_same_seed_same_weights(folder):
     assert a.retrieval == {} and a.holdout_images == 0
 
 
+def test_orthogonal_projections_keep_every_direction_and_the_temperature_learns(folder, tmp_path):
+    """With ``orthogonal_projections`` both output projections leave training orthogonal up to the
+    calibration's one scale each (all singular values equal), as plain parameters that save and load in
+    OpenAI's format; ``logit_scale_lr`` moves the temperature further than the main learning rate does."""
+    torch.set_num_threads(1)
+    records = read_captions(folder)
+    base = TINY.model_copy(update={"epochs": 2, "holdout_fraction": 0.0})
+    free = pretrain_clip(build_tiny_clip("vit-small", 0), folder, records, base, progress=False, log=None)
+    cfg = base.model_copy(update={"orthogonal_projections": True, "logit_scale_lr": 0.1})
+    ortho = pretrain_clip(build_tiny_clip("vit-small", 0), folder, records, cfg, progress=False, log=None)
+    for name, w in (("text", ortho.model.text_projection), ("image", ortho.model.visual.proj)):
+        assert isinstance(w, torch.nn.Parameter), name  # the parametrisation is gone
+        sv = torch.linalg.svdvals(w.detach().double())
+        assert float(sv.max() / sv.min()) < 1.001, (name, sv)
+    free_sv = torch.linalg.svdvals(free.model.text_projection.detach().double())
+    assert float(free_sv.max() / free_sv.min()) > 1.5  # a free projection is not orthogonal
+    start = float(build_tiny_clip("vit-small", 0).logit_scale)
+    moved_free, moved_ortho = (abs(float(r.model.logit_scale) - start) for r in (free, ortho))
+    assert moved_ortho > 5 * moved_free, (moved_free, moved_ortho)
+    out = tmp_path / "ortho.pt"
+    pretrain_clip_folder(folder, build_tiny_clip("vit-small", 0), out, cfg.model_copy(update={"epochs": 1}),
+                         progress=False, log=None)
+    reloaded, _ = import_clip().load(str(out), device="cpu", jit=False)
+    sv = torch.linalg.svdvals(reloaded.text_projection.detach().double())
+    assert float(sv.max() / sv.min()) < 1.01  # fp16 storage
+    # a ViT whose image tower is wider than the embedding (256 → 128): named, not trained
+    with pytest.raises(ValueError, match=r"square output projections.*proj \(256, 128\)"):
+        pretrain_clip(build_tiny_clip("vit", 0), folder, records, cfg, progress=False, log=None)
+
+
 def test_retrieval_accuracy_counts_group_hits():
     img = torch.eye(4)
     txt = torch.eye(4)[[1, 0, 2, 3]]  # captions of images 0 and 1 swapped

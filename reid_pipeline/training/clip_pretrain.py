@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 from tqdm import tqdm
 
 from reid_pipeline.data.cache import ImageCache
@@ -121,6 +122,16 @@ class PretrainConfig(BaseModel):
     calibrate_feature_scale: bool = Field(
         True, description="rescale the output projections after training so that raw image-text dot products equal "
                           "exp(t)·cos on average (CLIP-ReID's losses use raw dot products); normalised features unchanged")
+    logit_scale_lr: float | None = Field(
+        None, gt=0, description="peak learning rate of the temperature (CLIP's log logit scale), on the same warm-up "
+                                "and cosine schedule; None = lr. Over a few hundred steps at lr 5e-4 Adam moves it by "
+                                "at most ~0.3, so it stays near CLIP's initial 1/0.07")
+    orthogonal_projections: bool = Field(
+        False, description="keep the image and text output projections orthogonal while training "
+                           "(torch.nn.utils.parametrizations.orthogonal; saved as plain matrices). Left free, a "
+                           "caption-trained projection shrinks the directions the captions do not use, which "
+                           "stage 1's prompts cannot reach afterwards; the loss sees normalised features, so an "
+                           "orthogonal projection loses it nothing but a rotation the towers learn anyway")
     seed: int = 0
 
 
@@ -334,14 +345,53 @@ def _split(records: Sequence[CaptionRecord], fraction: float, seed: int) -> tupl
     return train, hold
 
 
-def _param_groups(model: nn.Module, used: _UsedTokens, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], [used.weight]
+def _param_groups(model: nn.Module, used: _UsedTokens, weight_decay: float, lr: float,
+                  logit_scale_lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW's groups; each carries ``peak_lr``, the top of its schedule."""
+    decay, no_decay, temperature = [], [used.weight], []
     for name, p in model.named_parameters():
         if not p.requires_grad or name == "token_embedding.weight":
             continue
+        if name == "logit_scale" and logit_scale_lr is not None:
+            temperature.append(p)
+            continue
         # CLIP's rule: decay weight matrices; not gains, biases, embeddings or the temperature.
         (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "peak_lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "peak_lr": lr}]
+    if temperature:
+        groups.append({"params": temperature, "weight_decay": 0.0, "peak_lr": logit_scale_lr})
+    return groups
+
+
+def _projection_sites(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, tensor name) of ``model``'s image and text output projections."""
+    visual = model.visual
+    if hasattr(visual, "proj") and visual.proj is not None:  # ViT
+        return [(model, "text_projection"), (visual, "proj")]
+    return [(model, "text_projection"), (visual.attnpool.c_proj, "weight")]  # ResNet's attention pool
+
+
+def _orthogonalise(model: nn.Module) -> None:
+    """Register torch's orthogonal parametrisation on both (square) output projections.
+
+    Square only: on the ResNet's 128×512 attention-pool projection an AdamW step under the
+    parametrisation returned a zero matrix (torch 2.14.1, with and without its trivialisation)."""
+    sites = _projection_sites(model)
+    shapes = {name: tuple(getattr(module, name).shape) for module, name in sites}
+    if any(len(set(shape)) != 1 for shape in shapes.values()):
+        raise ValueError(f"orthogonal_projections needs square output projections (tower width = embed_dim), got "
+                         + ", ".join(f"{name} {shape}" for name, shape in shapes.items()))
+    for module, name in sites:
+        parametrizations.orthogonal(module, name)
+
+
+def _plain_projections(model: nn.Module, text_encoder: TextEncoder) -> None:
+    """Undo :func:`_orthogonalise`, keeping the trained (orthogonal) matrices as plain parameters."""
+    for module, name in _projection_sites(model):
+        if parametrize.is_parametrized(module, name):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    text_encoder.text_projection = model.text_projection
 
 
 @torch.no_grad()
@@ -422,9 +472,12 @@ def pretrain_clip(
     model.to(spec.device).float().train()
     for p in model.parameters():
         p.requires_grad_(True)
+    if cfg.orthogonal_projections:
+        _orthogonalise(model)
     text_encoder = TextEncoder(model)
     used = _UsedTokens(model.token_embedding, tokens).to(spec.device)
-    opt = torch.optim.AdamW(_param_groups(model, used, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(_param_groups(model, used, cfg.weight_decay, cfg.lr, cfg.logit_scale_lr), lr=cfg.lr,
+                            betas=(0.9, 0.98), eps=1e-6)
     scaler = spec.grad_scaler()
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train_idx)
@@ -458,9 +511,11 @@ def pretrain_clip(
                     step / steps_per_epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr_init, cfg.min_lr
                 )
                 for grp in opt.param_groups:
-                    grp["lr"] = lr
+                    grp["lr"] = lr * grp["peak_lr"] / cfg.lr
                 images = transform(cache.fetch(idx, spec.device))
                 t, e = tokens[idx].to(spec.device), eot[idx].to(spec.device)
+                if cfg.orthogonal_projections:  # the parametrised matrix, recomputed from its parameter each step
+                    text_encoder.text_projection = model.text_projection
                 with spec.autocast():
                     img = F.normalize(_image_features(model, images).float(), dim=-1)
                     txt = F.normalize(_text_features(model, text_encoder, t, e, used).float(), dim=-1)
@@ -489,6 +544,7 @@ def pretrain_clip(
                     f"{elapsed:.0f} s")
     finally:
         bar.close()
+        _plain_projections(model, text_encoder)
     used.write_back(model.token_embedding)
     train_time = time.perf_counter() - t0
     model.eval()
