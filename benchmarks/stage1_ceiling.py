@@ -1,4 +1,4 @@
-"""Why the demo's stage-1 prompt accuracy stops near 0.6: what the frozen small CLIP's features allow,
+"""Where the demo's stage-1 prompt accuracy stops: what the frozen small CLIP's features allow,
 against what its frozen text tower reaches, side by side in one run on the embedded data.
 
 Stage 1 learns one text feature per training identity, through the frozen text tower, so that the

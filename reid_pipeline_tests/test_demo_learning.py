@@ -6,14 +6,12 @@ re-ranking reported beside it.
 The issue's goals are baseline mAP >= 0.30, prompt accuracy >= 0.8, fine-tuned mAP >= 0.80 and >= the
 baseline + 0.30. Measured on one shared 2-core machine, one torch thread, three runs side by side (seeds =
 the stage-1/stage-2 seeds: the preset's 0/1234, then 1/1235 and 2/1236; ``benchmarks/demo_recipes.py
---seed S``) on 320 training and 40 test identities: baseline mAP 0.332 (the same for every stage seed: it
-depends on the pre-training only), prompt accuracy 0.477-0.481 over 320 training identities (chance
-1/320), fine-tuned mAP 0.821-0.841 (baseline + 0.49 to + 0.51; 0.824 with two threads), re-ranked
-0.858-0.868. Asserted as the goals say: the baseline, fine-tuned mAP >= 0.80 (0.02 below the lowest seed)
-and the margin. Not reached: prompt accuracy 0.8 (0.88 on 40 training identities, 0.60-0.61 on 160, 0.48
-on 320: the frozen small text tower is what stops the prompts, ``benchmarks/stage1_ceiling.py``); its
-floor is what the method shows now with a margin for other machines' floating-point kernels: >= 0.40
-(128 x chance).
+--seed S``) on 320 training and 40 test identities, with the small CLIP pre-trained with orthogonal output
+projections (session 14): baseline mAP 0.398 (the same for every stage seed: it depends on the
+pre-training only), prompt accuracy 0.802-0.807 over 320 training identities (chance 1/320), fine-tuned
+mAP 0.812-0.833 (baseline + 0.41 to + 0.44), re-ranked 0.843-0.870. Asserted: the goals themselves. The
+prompt accuracy and the lowest seed's mAP are within 0.01 of theirs, so another machine's floating-point
+kernels can tip them (the README says so).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import yaml
 
 from reid_pipeline_tests.conftest import PROJECT_ROOT
 
-FLOORS = {"baseline_mAP": 0.30, "image_to_prompt_accuracy": 0.40, "mAP": 0.80, "margin": 0.30}
+FLOORS = {"baseline_mAP": 0.30, "image_to_prompt_accuracy": 0.80, "mAP": 0.80, "margin": 0.30}
 
 
 @pytest.mark.slow
