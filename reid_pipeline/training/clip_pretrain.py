@@ -388,7 +388,7 @@ def _orthogonalise(model: nn.Module) -> None:
     sites = _projection_sites(model)
     shapes = {name: tuple(getattr(module, name).shape) for module, name in sites}
     if any(len(set(shape)) != 1 for shape in shapes.values()):
-        raise ValueError(f"orthogonal_projections needs square output projections (tower width = embed_dim), got "
+        raise ValueError("orthogonal_projections needs square output projections (tower width = embed_dim), got "
                          + ", ".join(f"{name} {shape}" for name, shape in shapes.items()))
     for module, name in sites:
         parametrizations.orthogonal(module, name)
