@@ -227,6 +227,8 @@ def prompts_step(manifest: ManifestArtifact, frozen: FrozenClipArtifact, config:
     with torch.no_grad(), spec.autocast():
         text = encode_all_classes(learner, TextEncoder(clip_model))
     accuracy = image_to_prompt_accuracy(features, labels, text)
+    log(f"stage 1: image→prompt accuracy {accuracy:.4f} over the {len(labels)} training images "
+        f"(chance {1 / manifest.num_classes:.4f}: {manifest.num_classes} identities)")
     tokens = save_tensors(out_dir / "prompt_tokens.safetensors", prompt_state(learner), {
         **prompt_meta(learner), "label_to_pid": manifest.label_to_pid, "clip": frozen.clip.model_dump(mode="json"),
         "manifest_fingerprint": manifest.fingerprint, "config": config.model_dump(), "precision": result.precision,

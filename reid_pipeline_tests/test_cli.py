@@ -98,6 +98,8 @@ def test_materialize_every_asset_on_ci_preset(dagster_home, tmp_path):
         assert stage1["avg_positives_per_sample"].value > 1.0
         assert Path(stage1["tokens"].value).is_file()
         assert 0.0 <= stage1["image_to_prompt_accuracy"].value <= 1.0
+        # and the run's log says it, as `make demo` prints it
+        assert f"image→prompt accuracy {stage1['image_to_prompt_accuracy'].value:.4f} over the" in out
         stage2 = instance.get_latest_materialization_event(dg.AssetKey("visual_encoder")).asset_materialization.metadata
         same_keys = {"final_loss", "first_loss", "epochs", "resumed_from_epoch", "wall_time_s", "samples_per_s",
                      "precision", "device"}
