@@ -2,12 +2,14 @@
 
 * ``draw``: the synthetic generator drawing the pre-training set (``data/embedded/pretrain-captions``'s
   arguments) in one thread against ``--workers`` threads; the files are compared byte for byte.
-* ``install`` (``--install``; about six minutes): this project installed into two fresh virtual
-  environments, with pip compiling every module to bytecode (pip's default, what the Makefile does) and
-  with ``--no-compile``, then what the demo imports: twice after the default install; after ``--no-compile``
-  once with ``PYTHONDONTWRITEBYTECODE=1`` (as on this project's machines: Python compiles what the process
-  imports and keeps nothing, so every process pays again), then twice with it unset, as the Makefile runs
-  (the first process writes the bytecode of what it imports, the next ones read it).
+* ``install`` (``--install``; about seven minutes): this project installed into four fresh virtual
+  environments (the venv's creation counted): with pip compiling every module to bytecode (pip's default),
+  with pip ``--no-compile``, and with uv as the Makefile does (pip installs uv into the venv, uv installs
+  the project), first with an empty uv cache (a fresh machine), then again with it warm; then what the
+  demo imports, twice in a row after each (the first process writes the bytecode of what it imports, the
+  next one reads it); after pip ``--no-compile`` also once before, with ``PYTHONDONTWRITEBYTECODE=1`` (as on
+  this project's machines: Python compiles what the process imports and keeps nothing, so every process
+  pays again).
 
     python benchmarks/setup_time.py [--workers 2] [--repeats 2] [--install]
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,27 +66,42 @@ def draw(workers: int, repeats: int) -> None:
         raise SystemExit("the threaded drawing wrote other files than one thread")
 
 
+#: the uv release the Makefile installs
+UV_VERSION = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+
+
 def install() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="setup_time_venv_") as tmp:
-        for mode, extra in (("compile (pip default)", []), ("--no-compile", ["--no-compile"])):
-            venv = Path(tmp) / mode.split()[0].strip("-")
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        env = dict(os.environ, PYTHONWARNINGS="ignore", UV_CACHE_DIR=str(Path(tmp) / "uv-cache"))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        for mode in ("pip, compile (its default)", "pip --no-compile", "uv, cache cold", "uv, cache warm"):
+            venv = Path(tmp) / mode.replace(" ", "").replace(",", "_").replace("(", "").replace(")", "")
             py = str(venv / "bin" / "python")
-            t0 = time.perf_counter()
-            pip = subprocess.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *extra,
-                                  "-e", f"{ROOT}[test]"], capture_output=True, text=True)
-            if pip.returncode:  # its warnings (one per package about the machine's index paths) only then
-                raise SystemExit(f"pip install ({mode}) failed:\n{pip.stderr}")
+            t0 = time.perf_counter()  # the venv is part of it: uv's own install comes with its run
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            if mode.startswith("uv"):
+                _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"uv=={UV_VERSION}"],
+                     mode, env)
+                _run([str(venv / "bin" / "uv"), "pip", "install", "--quiet", "--python", py, "-e", f"{ROOT}[test]"],
+                     mode, env)
+            else:
+                extra = ["--no-compile"] if "no-compile" in mode else []
+                _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *extra,
+                      "-e", f"{ROOT}[test]"], mode, env)
             t1 = time.perf_counter()
-            env = dict(os.environ, PYTHONWARNINGS="ignore")
-            env.pop("PYTHONDONTWRITEBYTECODE", None)
-            if extra:  # before any bytecode is written: what every process paid with the variable set
+            if mode == "pip --no-compile":  # before any bytecode is written: what every process paid with it set
                 rows.append((f"{mode}, DONTWRITE=1", t1 - t0, *_imports(py, dict(env, PYTHONDONTWRITEBYTECODE="1"))))
-            rows.append((mode if not extra else f"{mode}, unset", t1 - t0, *_imports(py, env)))
-    print(f"{'install':<30} {'pip s':>6} {'1st import s':>12} {'2nd import s':>12} {'total s':>7}")
-    for mode, pip_s, first, second in rows:
-        print(f"{mode:<30} {pip_s:6.0f} {first:12.1f} {second:12.1f} {pip_s + first:7.0f}")
+            rows.append((mode, t1 - t0, *_imports(py, env)))
+    print(f"{'install (venv included)':<30} {'install s':>9} {'1st import s':>12} {'2nd import s':>12} {'total s':>7}")
+    for mode, install_s, first, second in rows:
+        print(f"{mode:<30} {install_s:9.0f} {first:12.1f} {second:12.1f} {install_s + first:7.0f}")
+
+
+def _run(cmd: list[str], mode: str, env: dict[str, str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:  # its warnings (pip: one per package about the machine's index paths) only then
+        raise SystemExit(f"{cmd[0]} ({mode}) failed:\n{done.stderr}")
 
 
 def _imports(py: str, env: dict[str, str]) -> tuple[float, float]:
