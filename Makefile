@@ -19,9 +19,10 @@ TEST_WORKERS ?= 3
 
 .PHONY: setup embedded demo test lint ui bench clean-artifacts postgres
 
-# uv installs (it resolves the same versions as pip from the same index): on 2 cores a cold install took
-# 41 s with uv (venv and uv 9 s, uv pip install 32 s) against 137 s with pip --no-compile, and 13 s with
-# uv's cache warm (benchmarks/setup_time.py --install, 2026-12-08). Like pip --no-compile, uv writes no
+# uv installs (it resolves the same versions as pip from the same index). A cold install, the venv's
+# creation included, took 40 s with uv (uv itself installed by pip into the venv) against 109 s with
+# pip --no-compile and 184 s with pip's default, and 11 s with uv's cache warm (2 cores, 2026-12-08,
+# benchmarks/setup_time.py --install, one run). Like pip --no-compile, uv writes no
 # bytecode: pip's byte-compiling of every installed module (torch's CUDA build is most of the 5.5 GB)
 # made pip take 116 s against 72 s (2026-12-07); Python compiles what it imports on first use,
 # so PYTHONDONTWRITEBYTECODE is unset here (with it set, every process would recompile torch: 11 s against 5).
