@@ -7,10 +7,10 @@ The issue's goals are baseline mAP >= 0.30, prompt accuracy >= 0.8, fine-tuned m
 baseline + 0.30. Measured on one shared 2-core machine, one torch thread, three runs side by side (seeds =
 the stage-1/stage-2 seeds: the preset's 0/1234, then 1/1235 and 2/1236; ``benchmarks/demo_recipes.py
 --seed S``) on 320 training and 40 test identities, with the small CLIP pre-trained with orthogonal output
-projections (session 14) and session 15's preset (stage 1 in batches of 256, stage 2 at lr 1e-3): baseline
-mAP 0.398 (the same for every stage seed: it depends on the pre-training only), prompt accuracy 0.836-0.837
-over 320 training identities (chance 1/320), fine-tuned mAP 0.822-0.832 (baseline + 0.42 to + 0.43),
-re-ranked 0.851-0.882. Asserted: the goals themselves, not one machine's figures (another machine's
+projections (session 14) and session 16's preset (stage 1 in batches of 256, stage 2 at lr 1e-3 for 40
+epochs): baseline mAP 0.398 (the same for every stage seed: it depends on the pre-training only), prompt
+accuracy 0.837-0.838 over 320 training identities (chance 1/320), fine-tuned mAP 0.826-0.837 (baseline
++ 0.43 to + 0.44), re-ranked 0.856-0.870. Asserted: the goals themselves, not one machine's figures (another machine's
 floating-point kernels move them slightly; the README says so).
 """
 
