@@ -75,8 +75,9 @@ def install() -> None:
     with tempfile.TemporaryDirectory(prefix="setup_time_venv_") as tmp:
         env = dict(os.environ, PYTHONWARNINGS="ignore", UV_CACHE_DIR=str(Path(tmp) / "uv-cache"))
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        for mode in ("pip, compile (its default)", "pip --no-compile", "uv, cache cold", "uv, cache warm"):
-            venv = Path(tmp) / mode.replace(" ", "").replace(",", "_").replace("(", "").replace(")", "")
+        modes = ("pip, compile (its default)", "pip --no-compile", "uv, cache cold", "uv, cache warm")
+        for i, mode in enumerate(modes):
+            venv = Path(tmp) / f"venv{i}"
             py = str(venv / "bin" / "python")
             t0 = time.perf_counter()  # the venv is part of it: uv's own install comes with its run
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
