@@ -10,8 +10,10 @@ the stage-1/stage-2 seeds: the preset's 0/1234, then 1/1235 and 2/1236; ``benchm
 projections (session 14) and session 16's preset (stage 1 in batches of 256, stage 2 at lr 1e-3 for 40
 epochs): baseline mAP 0.398 (the same for every stage seed: it depends on the pre-training only), prompt
 accuracy 0.837-0.838 over 320 training identities (chance 1/320), fine-tuned mAP 0.826-0.837 (baseline
-+ 0.43 to + 0.44), re-ranked 0.856-0.870. Asserted: the goals themselves, not one machine's figures (another machine's
-floating-point kernels move them slightly; the README says so).
++ 0.43 to + 0.44), re-ranked 0.856-0.870. With two threads, as `make demo` runs (session 17,
+another machine, one run after another): prompt accuracy 0.836-0.837, mAP 0.815-0.829, re-ranked 0.850-0.871;
+seed 0 printed exactly what `make demo` printed (mAP 0.823). Asserted: the goals themselves, not one
+machine's figures (another machine's floating-point kernels move them slightly; the README says so).
 """
 
 from __future__ import annotations
