@@ -109,8 +109,8 @@ def test_orthogonal_projections_keep_every_direction_and_the_temperature_learns(
         assert float(sv.max() / sv.min()) < 1.001, (name, sv)
     free_sv = torch.linalg.svdvals(free.model.text_projection.detach().double())
     assert float(free_sv.max() / free_sv.min()) > 1.5  # a free projection is not orthogonal
-    start = float(build_tiny_clip("vit-small", 0).logit_scale)
-    moved_free, moved_ortho = (abs(float(r.model.logit_scale) - start) for r in (free, ortho))
+    start = build_tiny_clip("vit-small", 0).logit_scale.item()
+    moved_free, moved_ortho = (abs(r.model.logit_scale.item() - start) for r in (free, ortho))
     assert moved_ortho > 5 * moved_free, (moved_free, moved_ortho)
     out = tmp_path / "ortho.pt"
     pretrain_clip_folder(folder, build_tiny_clip("vit-small", 0), out, cfg.model_copy(update={"epochs": 1}),
